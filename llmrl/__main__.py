@@ -1,0 +1,3 @@
+from llmrl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""`llmrl train RECIPE.yaml [--field value ...]` and `llmrl eval ...`.
+
+The same entry point serves `llmrl`, `python -m llmrl` and `accelerate launch -m llmrl`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: llmrl train [RECIPE.yaml] [--field value ...] [--print_config]
+       llmrl eval  [RECIPE.yaml] [--field value ...]
+       llmrl train --help                  # every field of the recipe's algorithm (default grpo)
+       llmrl train --algorithm dpo --help  # the fields of another trainer
+
+Post-train a causal language model. A recipe is a flat YAML file of fields; flags override it,
+the algorithm's preset fills what both leave unset. `--print_config` resolves and prints the
+settings without training. The same command runs under `accelerate launch -m llmrl train ...`.
+"""
+
+
+def _fields_summary() -> str:
+    import dataclasses
+
+    from llmrl.config import ALGORITHMS, PRESETS, DataConfig, ModelConfig, TrainConfig
+
+    def names(cls, skip=()):
+        return " ".join(f.name for f in dataclasses.fields(cls) if f.name not in skip)
+
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    lines = [
+        f"algorithms: {', '.join(ALGORITHMS)} (online RL presets: {', '.join(PRESETS)})",
+        "",
+        f"model fields: {names(ModelConfig)}",
+        f"data fields: {names(DataConfig)}",
+        f"training fields (every trainer): {names(TrainConfig)}",
+    ]
+    for cls in dict.fromkeys(ALGORITHMS.values()):
+        users = ", ".join(name for name, c in ALGORITHMS.items() if c is cls)
+        lines.append(f"{cls.__name__} fields ({users}): {names(cls, skip=shared)}")
+    return "\n".join(lines)
+
+
+def _split_recipe(argv: list[str]) -> tuple[str | None, list[str]]:
+    if argv and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def _train_help(recipe_path: str | None, flags: list[str]) -> str:
+    from llmrl.recipe import algorithm_from_flags, read_yaml, build_parser
+
+    algorithm = algorithm_from_flags(flags)
+    if algorithm is None and recipe_path:
+        algorithm = read_yaml(recipe_path).get("algorithm")
+    parser = build_parser(algorithm or "grpo")
+    parser.prog = "llmrl train [RECIPE.yaml]"
+    return parser.format_help()
+
+
+def train_command(argv: list[str]) -> int:
+    from llmrl.recipe import load_recipe
+    from llmrl.trainers import train
+
+    recipe_path, flags = _split_recipe(argv)
+    if "-h" in flags or "--help" in flags:
+        print(_train_help(recipe_path, [f for f in flags if f not in ("-h", "--help")]))
+        return 0
+    print_only = "--print_config" in flags
+    flags = [f for f in flags if f != "--print_config"]
+    recipe = load_recipe(recipe_path, flags)
+    if print_only:
+        print(recipe.to_yaml(), end="")
+        return 0
+    train(recipe)
+    return 0
+
+
+def eval_command(argv: list[str]) -> int:
+    raise NotImplementedError(
+        "`llmrl eval` arrives with the online trainer (issue #4); `llmrl train RECIPE --print_config` works now."
+    )
+
+
+COMMANDS = {"train": train_command, "eval": eval_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        print(_fields_summary())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"llmrl: unknown command {command!r}; use one of {sorted(COMMANDS)}.\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from llmrl.data import DataError
+    from llmrl.recipe import RecipeError
+
+    try:
+        return COMMANDS[command](rest)
+    except (RecipeError, DataError) as err:
+        print(f"llmrl: error: {err}", file=sys.stderr)
+        return 2
+    except NotImplementedError as err:
+        print(f"llmrl: {err}", file=sys.stderr)
+        return 3

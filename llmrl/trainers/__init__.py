@@ -1,0 +1,32 @@
+"""The trainers, and `train(recipe)`, which runs the one an algorithm name selects."""
+
+from __future__ import annotations
+
+from llmrl.config import ALGORITHMS, DPOConfig, RewardConfig, RLConfig, SFTConfig
+
+# Config class -> (trainer kind, the issue that builds it). A kind with no runner yet says so.
+_KINDS = {
+    RLConfig: ("online RL", "#4 (online trainer) and #5 (PPO)"),
+    DPOConfig: ("DPO", "#6 (offline trainers)"),
+    RewardConfig: ("reward model", "#5 (reward-model training)"),
+    SFTConfig: ("SFT", "#6 (offline trainers)"),
+}
+RUNNERS: dict[type, object] = {}
+
+
+def train(recipe):
+    """Run the trainer that `recipe.args.algorithm` selects; print and save the resolved config first."""
+    from accelerate import PartialState
+
+    config_class = ALGORITHMS[recipe.args.algorithm]
+    runner = RUNNERS.get(config_class)
+    if runner is None:
+        kind, issue = _KINDS[config_class]
+        raise NotImplementedError(
+            f"algorithm {recipe.args.algorithm!r} resolved, but the {kind} trainer is not implemented yet "
+            f"(it arrives with issue {issue}). `llmrl train RECIPE --print_config` shows the resolved settings."
+        )
+    if PartialState().is_main_process:
+        print(f"Resolved config ({recipe.source or 'from code'}):\n{recipe.to_yaml()}")
+        recipe.save()
+    return runner(recipe)
