@@ -77,3 +77,13 @@ def test_train_dispatches_on_algorithm(tmp_path, algorithm):
     result = run("train", str(recipe))
     assert result.returncode == 3 and "not implemented yet" in result.stderr
     assert not (tmp_path / "out").exists(), "a run that cannot start must not leave an output folder"
+
+
+def test_runs_under_accelerate_launch(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("algorithm: rloo\nmodel_name_or_path: m\n")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run([str(accelerate), "launch", "--num_processes", "1", "--cpu", "-m", "llmrl", "train",
+                             str(recipe), "--print_config"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["advantage_estimator"] == "rloo"

@@ -1,0 +1,26 @@
+"""Shared fixtures. Everything is built offline; nothing is fetched from the hub.
+
+`tiny_model_dir` is the fixture other tests should reuse: a saved HF folder holding the "micro"
+tiny Llama (about 0.09M parameters, character-level tokenizer with chat template, pad != EOS),
+built once per test session. Treat it as read-only: copy it if a test must change it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# No test may reach the hub; a fixture that tried to would fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """Path (str) of a saved micro tiny model + tokenizer folder, seed 0, shared by the whole session."""
+    from llmrl.tiny import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_model(str(path), seed=0)
+    return str(path)
