@@ -16,6 +16,7 @@ import torch
 from llmrl.algos import aggregate_loss, compute_advantages, policy_loss
 from llmrl.data import PromptCollator
 from llmrl.logprobs import completion_logprobs
+from llmrl.rollout import generate_completions
 from llmrl.tiny import build_tiny_model
 
 PROMPTS = [
@@ -41,29 +42,26 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = build_tiny_model(model_dir, seed=0)
     print(f"[1/4] built a {model.num_parameters():,}-parameter tiny Llama offline, saved to {model_dir}")
 
-    rows = [row for row in PROMPTS for _ in range(args.num_generations)]
-    batch = PromptCollator(tokenizer, max_prompt_length=64)(rows)
-    with torch.no_grad():
-        sequences = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
-                                   max_new_tokens=12, temperature=1.0, pad_token_id=tokenizer.pad_token_id)
-    completion_ids = sequences[:, batch["input_ids"].shape[1]:]
-    # Real completion tokens: up to and including the first EOS.
-    ended = (completion_ids == tokenizer.eos_token_id).long().cumsum(-1)
-    completion_mask = (ended - (completion_ids == tokenizer.eos_token_id).long() == 0).float()
-    texts = tokenizer.batch_decode(completion_ids * completion_mask.long(), skip_special_tokens=True)
+    batch = PromptCollator(tokenizer, max_prompt_length=64)(PROMPTS)
+    rollout = generate_completions(model, batch["input_ids"], batch["attention_mask"],
+                                   num_generations=args.num_generations, max_completion_length=12,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     print(f"[2/4] sampled {len(texts)} completions ({args.num_generations} per prompt), e.g. {texts[:3]}")
 
-    rewards = torch.tensor(digit_reward(texts, batch["columns"]["answer"]))
-    last = completion_mask.sum(-1).long().clamp(min=1) - 1
+    answers = [row["answer"] for row in PROMPTS for _ in range(args.num_generations)]
+    rewards = torch.tensor(digit_reward(texts, answers))
+    completion_mask = rollout.completion_mask
+    last = rollout.completion_lengths - 1
     token_rewards = torch.zeros_like(completion_mask).scatter(1, last[:, None], rewards[:, None])
-    group_ids = torch.arange(len(PROMPTS)).repeat_interleave(args.num_generations)
-    advantages, _ = compute_advantages("grpo", token_rewards=token_rewards, mask=completion_mask, group_ids=group_ids)
+    advantages, _ = compute_advantages("grpo", token_rewards=token_rewards, mask=completion_mask,
+                                       group_ids=rollout.group_ids)
     print(f"[3/4] rewards {rewards.tolist()} -> GRPO advantages per completion {advantages[:, 0].round(decimals=2).tolist()}")
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    attention_mask = torch.cat([batch["attention_mask"], completion_mask.long()], dim=1)
-    logprobs = completion_logprobs(model, sequences, attention_mask, completion_ids.shape[1])
+    sequences, attention_mask, num_completion = rollout.input_ids, rollout.attention_mask, completion_mask.shape[1]
+    logprobs = completion_logprobs(model, sequences, attention_mask, num_completion)
     per_token, metrics = policy_loss("ppo_clip", logprobs=logprobs, old_logprobs=logprobs.detach(),
                                      advantages=advantages, mask=completion_mask)
     loss = aggregate_loss(per_token, completion_mask, "seq_mean_token_mean")
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     with torch.no_grad():
-        after = completion_logprobs(model, sequences, attention_mask, completion_ids.shape[1])
+        after = completion_logprobs(model, sequences, attention_mask, num_completion)
     change = ((after - logprobs.detach()) * completion_mask).sum(-1)  # log-prob change of each completion
     sign = advantages[:, 0]
     print(f"[4/4] one GRPO step (loss {loss.item():+.4f}, grad norm {grad_norm:.3f}): mean log-prob change "

@@ -1,0 +1,108 @@
+"""Rollouts: sample completions for a batch of prompts, and the masks the losses need.
+
+A completion's real tokens run up to and including its first EOS; everything after is padding.
+A completion with no EOS within `max_completion_length` is *truncated*, which the soft overlong
+punishment and `missing_eos_penalty` read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+
+@dataclass
+class Rollout:
+    """`num_generations` completions for each of B prompts; N = B x num_generations rows, the
+    completions of one prompt next to each other."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P] long
+    completion_ids: torch.Tensor  # [N, C] pad after the first EOS
+    completion_mask: torch.Tensor  # [N, C] float, 1.0 up to and including the first EOS
+    truncated: torch.Tensor  # [N] bool, no EOS within max_completion_length
+    group_ids: torch.Tensor  # [N] long, the prompt each row answers
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Prompt and completion, [N, P + C], for the log-probability passes."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask.long()], dim=1)
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1).long()
+
+
+def _eos_ids(eos_token_id) -> list[int]:
+    return list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(mask [N, C] float, truncated [N] bool)` of generated ids: 1.0 up to and including the first
+    EOS (`eos_token_id` an id or a list of ids), 0.0 after it; truncated rows have no EOS at all."""
+    is_eos = torch.isin(completion_ids, torch.tensor(_eos_ids(eos_token_id), device=completion_ids.device))
+    eos_before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS tokens strictly before each position
+    return (eos_before == 0).float(), ~is_eos.any(-1)
+
+
+@torch.no_grad()
+def generate_completions(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    num_generations: int,
+    max_completion_length: int,
+    eos_token_id,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    do_sample: bool = True,
+) -> Rollout:
+    """Sample `num_generations` completions per prompt with the model's own `generate` (KV cache).
+
+    `input_ids`/`attention_mask` [B, P] are left-padded prompts. `do_sample=False` decodes greedily.
+    The model is put in eval mode for generation (no dropout, and the KV cache on even when
+    gradient checkpointing is) and restored afterwards.
+    """
+    prompt_ids = input_ids.repeat_interleave(num_generations, dim=0)
+    prompt_mask = attention_mask.repeat_interleave(num_generations, dim=0)
+    config = GenerationConfig(
+        max_new_tokens=max_completion_length,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=(top_k or None) if do_sample else None,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    finally:
+        model.train(was_training)
+    completion_ids = sequences[:, prompt_ids.shape[1]:]
+    mask, truncated = completion_mask(completion_ids, eos_token_id)
+    completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
+    group_ids = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(num_generations)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, group_ids)
+
+
+def informative_groups(metric: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter: `[N]` bool, True for rows whose group's `metric [N]` is not
+    all equal. A flat group (all right or all wrong) has zero advantage everywhere and only dilutes
+    the batch. A group of one is flat by definition."""
+    _, index = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(index.max()) + 1 if index.numel() else 0
+    low = torch.full((num_groups,), float("inf"), dtype=metric.dtype, device=metric.device).scatter_reduce(0, index, metric, "amin")
+    high = torch.full((num_groups,), float("-inf"), dtype=metric.dtype, device=metric.device).scatter_reduce(0, index, metric, "amax")
+    return (high > low)[index]
