@@ -47,7 +47,7 @@ def _split_recipe(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train_help(recipe_path: str | None, flags: list[str]) -> str:
-    from llmrl.recipe import algorithm_from_flags, read_yaml, build_parser
+    from llmrl.recipe import algorithm_from_flags, build_parser, read_yaml
 
     algorithm = algorithm_from_flags(flags)
     if algorithm is None and recipe_path:

@@ -67,8 +67,8 @@ def test_unknown_command():
 @pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
 def test_train_dispatches_on_algorithm(tmp_path, algorithm):
     """Until a trainer lands, its algorithm resolves and then says plainly that it is not built yet."""
-    from llmrl.trainers import RUNNERS
     from llmrl.config import ALGORITHMS
+    from llmrl.trainers import RUNNERS
 
     if ALGORITHMS[algorithm] in RUNNERS:
         pytest.skip(f"the {algorithm} trainer exists; its own tests run it")

@@ -174,11 +174,18 @@ def test_recipe_must_be_a_mapping(tmp_path):
         (dict(algorithm="grpo", reward_funcs=["accuracy"], reward_weights=[1.0, 2.0]), r"reward_weights has 2 values"),
         (dict(algorithm="dapo", max_completion_length=64, overlong_buffer_len=64), r"overlong_buffer_len=64"),
         (dict(algorithm="grpo", temperature=0.0), r"temperature must be > 0"),
+        (dict(algorithm="grpo", reward_funcs=["acuracy"]), r"unknown reward function 'acuracy'.*Did you mean 'accuracy'"),
     ],
 )
 def test_impossible_combinations_say_why(values, message):
     with pytest.raises(ValueError, match=message):
         RLConfig(**values)
+
+
+def test_recipe_naming_an_unknown_reward_function_names_it(tmp_path):
+    path = write(tmp_path, "algorithm: grpo\nreward_funcs: [accuracy, formatt]\n")
+    with pytest.raises(RecipeError, match=r"recipe.yaml: unknown reward function 'formatt'.*Did you mean 'format'"):
+        load_recipe(path)
 
 
 def test_ppo_allows_a_single_generation():

@@ -1,0 +1,56 @@
+"""Settings of the offline trainers: DPO, reward model, SFT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmrl.config.base import TrainConfig, _help, check_choice
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation and its loss variants, on prompt/chosen/rejected rows."""
+
+    algorithm: str = field(default="dpo", metadata=_help("Always 'dpo' for this trainer."))
+    loss_type: str = field(default="sigmoid", metadata=_help("Preference loss: sigmoid (DPO), ipo, hinge or robust."))
+    beta: float = field(default=0.1, metadata=_help("Strength of the implicit KL to the reference."))
+    label_smoothing: float = field(default=0.0, metadata=_help("Probability that a label is flipped (robust / cDPO)."))
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata=_help("Compute the reference log-probs once before training, then free the reference.")
+    )
+    max_prompt_length: int = field(default=512, metadata=_help("Prompts longer than this keep their last tokens."))
+    max_length: int = field(default=1024, metadata=_help("Most tokens of prompt + answer; answers are cut at the end."))
+
+    def __post_init__(self):
+        from llmrl.algos import PREFERENCE_LOSSES
+
+        check_choice("dpo", "loss_type", self.loss_type, PREFERENCE_LOSSES)
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0 for DPO, got {self.beta}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        super().__post_init__()
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Bradley-Terry reward-model training on prompt/chosen/rejected rows."""
+
+    algorithm: str = field(default="reward_model", metadata=_help("Always 'reward_model' for this trainer."))
+    learning_rate: float = field(default=1e-5, metadata=_help("Peak learning rate of AdamW."))
+    max_length: int = field(default=1024, metadata=_help("Most tokens of prompt + answer; answers are cut at the end."))
+    center_rewards_coefficient: float | None = field(
+        default=None, metadata=_help("Weight of the penalty (r_c + r_r)^2 that keeps rewards centred at 0.")
+    )
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on prompt/completion or chat rows, the warm-start before RL."""
+
+    algorithm: str = field(default="sft", metadata=_help("Always 'sft' for this trainer."))
+    learning_rate: float = field(default=2e-5, metadata=_help("Peak learning rate of AdamW."))
+    max_length: int = field(default=1024, metadata=_help("Most tokens per example."))
+    completion_only_loss: bool = field(default=True, metadata=_help("Loss on completion (assistant) tokens only."))
+    packing: bool = field(default=False, metadata=_help("Pack several examples into one sequence."))
+    neftune_noise_alpha: float | None = field(default=None, metadata=_help("NEFTune embedding noise; None = off."))

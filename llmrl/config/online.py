@@ -1,0 +1,228 @@
+"""Online RL settings (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++, REINFORCE++-baseline, PPO) and the
+presets of DESIGN.md that fill them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmrl.config.base import TrainConfig, _help, check_choice
+
+# The values every online preset starts from; each preset then states only what differs.
+_ONLINE_BASE = dict(
+    num_generations=8,
+    advantage_estimator="grpo",
+    scale_rewards="group",
+    gamma=1.0,
+    lam=1.0,
+    whiten_advantages=False,
+    policy_loss="ppo_clip",
+    epsilon=0.2,
+    epsilon_high=None,  # None = epsilon (symmetric clip)
+    loss_agg_mode="token_mean",
+    beta=0.0,
+    kl_estimator="k1",
+    kl_placement="loss",
+    dynamic_sampling=False,
+    overlong_penalty_factor=0.0,
+)
+
+PRESETS: dict[str, dict] = {
+    "ppo": {**_ONLINE_BASE, "num_generations": 1, "advantage_estimator": "gae", "lam": 0.95,
+            "whiten_advantages": True, "beta": 0.05, "kl_estimator": "k1", "kl_placement": "reward"},
+    "grpo": {**_ONLINE_BASE, "loss_agg_mode": "seq_mean_token_mean", "beta": 0.04, "kl_estimator": "k3"},
+    "dr_grpo": {**_ONLINE_BASE, "scale_rewards": "none", "loss_agg_mode": "seq_mean_token_sum_norm"},
+    "dapo": {**_ONLINE_BASE, "epsilon_high": 0.28, "dynamic_sampling": True, "overlong_penalty_factor": 1.0},
+    # REINFORCE++ (2501.03262): KL per token in the reward, returns whitened over the batch.
+    "reinforce_pp": {**_ONLINE_BASE, "advantage_estimator": "reinforce_pp", "beta": 0.01,
+                     "kl_estimator": "k1", "kl_placement": "reward"},
+    "reinforce_pp_baseline": {**_ONLINE_BASE, "advantage_estimator": "reinforce_pp_baseline", "beta": 0.01,
+                              "kl_estimator": "k2", "kl_placement": "loss"},
+    "rloo": {**_ONLINE_BASE, "advantage_estimator": "rloo", "beta": 0.05, "kl_estimator": "k1",
+             "kl_placement": "reward"},
+}
+
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
+KL_PLACEMENTS = ("loss", "reward")
+
+
+def _preset(text: str, **extra) -> dict:
+    return _help(f"{text} Unset = the algorithm preset's value.", **extra)
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """Online RL (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++, REINFORCE++-baseline, PPO).
+
+    Fields whose default is `None` are filled from `PRESETS[algorithm]` when left unset.
+    """
+
+    algorithm: str = field(default="grpo", metadata=_help("Online preset.", choices=list(PRESETS)))
+
+    # generation
+    num_generations: int | None = field(default=None, metadata=_preset("Completions sampled per prompt."))
+    max_prompt_length: int = field(default=512, metadata=_help("Prompts longer than this keep their last tokens."))
+    max_completion_length: int = field(default=256, metadata=_help("Most tokens generated per completion."))
+    temperature: float = field(default=1.0, metadata=_help("Sampling temperature (also applied to the logprobs)."))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass; 1.0 = off."))
+    top_k: int = field(default=0, metadata=_help("Sample from the k likeliest tokens; 0 = off."))
+    num_mini_batches: int = field(
+        default=1,
+        metadata=_help("Optimizer steps per rollout and iteration. A rollout holds per_device_train_batch_size x "
+                       "gradient_accumulation_steps x num_mini_batches completions per process."),
+    )
+    num_iterations: int = field(default=1, metadata=_help("Passes (PPO epochs) over each rollout."))
+
+    # rewards
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata=_help("Reward functions: built-in names (llmrl.rewards.REWARD_FUNCTIONS) or 'package.module:function'."),
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata=_help("One weight per reward function, then one for the reward model if any; None = all 1.0."),
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None, metadata=_help("A sequence-classification reward model (one label) to score completions.")
+    )
+
+    # advantages and losses (preset-controlled)
+    advantage_estimator: str | None = field(default=None, metadata=_preset("gae, grpo, rloo, reinforce_pp or reinforce_pp_baseline."))
+    scale_rewards: str | None = field(
+        default=None, metadata=_preset("GRPO scaling: divide by the group std, the batch std, or none (Dr. GRPO).")
+    )
+    gamma: float | None = field(default=None, metadata=_preset("Discount factor."))
+    lam: float | None = field(default=None, metadata=_preset("GAE lambda."))
+    whiten_advantages: bool | None = field(default=None, metadata=_preset("Whiten advantages over the batch (PPO)."))
+    policy_loss: str | None = field(default=None, metadata=_preset("ppo_clip, vanilla_pg or gspo."))
+    epsilon: float | None = field(default=None, metadata=_preset("Lower clip range: ratio >= 1 - epsilon."))
+    epsilon_high: float | None = field(
+        default=None, metadata=_preset("Upper clip range: ratio <= 1 + epsilon_high (DAPO clip-higher); default epsilon.")
+    )
+    dual_clip: float | None = field(
+        default=None, metadata=_help("Dual-clip bound c > 1 on the loss of negative advantages; None = off.")
+    )
+    loss_agg_mode: str | None = field(
+        default=None,
+        metadata=_preset("token_mean, seq_mean_token_mean, seq_mean_token_sum or seq_mean_token_sum_norm."),
+    )
+    beta: float | None = field(default=None, metadata=_preset("KL coefficient; 0 = no KL and no reference model."))
+    kl_estimator: str | None = field(default=None, metadata=_preset("k1, k2 or k3."))
+    kl_placement: str | None = field(default=None, metadata=_preset("Where the KL goes: 'reward' (per token) or 'loss'."))
+
+    # DAPO
+    dynamic_sampling: bool | None = field(
+        default=None, metadata=_preset("Drop groups whose rewards are all equal; generate more until the batch is full.")
+    )
+    dynamic_sampling_metric: str = field(
+        default="reward", metadata=_help("Per-completion metric whose flat groups are dropped (a reward name or 'reward').")
+    )
+    max_gen_batches: int = field(default=10, metadata=_help("Most prompt batches generated to fill one rollout."))
+    overlong_penalty_factor: float | None = field(
+        default=None, metadata=_preset("Soft overlong punishment at max_completion_length; 0 = off.")
+    )
+    overlong_buffer_len: int | None = field(
+        default=None,
+        metadata=_help("Length of the soft-punishment zone before max_completion_length; "
+                       "unset = max_completion_length // 5 (the paper's 4096 of 20480)."),
+    )
+
+    # PPO critic
+    vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss."))
+    cliprange_value: float = field(default=0.2, metadata=_help("Clip range of the value loss around the old values."))
+    value_model_name_or_path: str | None = field(
+        default=None, metadata=_help("Initial critic weights; unset = the reward model if any, else the policy.")
+    )
+    value_learning_rate: float | None = field(default=None, metadata=_help("Critic learning rate; unset = learning_rate."))
+    kl_target: float | None = field(default=None, metadata=_help("Adaptive KL controller target; None = fixed beta."))
+    kl_horizon: int = field(default=10000, metadata=_help("Adaptive KL controller horizon (samples)."))
+    missing_eos_penalty: float | None = field(
+        default=None, metadata=_help("Subtracted from the reward of completions that end without EOS.")
+    )
+
+    # logging and evaluation
+    log_completions_steps: int = field(
+        default=10, metadata=_help("Write sample completions to output_dir/completions.jsonl every N steps; 0 = never.")
+    )
+    eval_do_sample: bool = field(default=False, metadata=_help("Sample at evaluation (else greedy decoding)."))
+
+    def __post_init__(self):
+        check_choice("algorithm", "algorithm", self.algorithm, PRESETS)
+        for name, value in PRESETS[self.algorithm].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.overlong_buffer_len is None:
+            self.overlong_buffer_len = self.max_completion_length // 5
+        if isinstance(self.reward_funcs, str):
+            self.reward_funcs = [self.reward_funcs]
+        super().__post_init__()
+        self._validate()
+
+    def _validate(self):
+        from llmrl.algos import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, REWARD_SCALES
+
+        where = f"algorithm {self.algorithm!r}"
+        check_choice(where, "advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        check_choice(where, "policy_loss", self.policy_loss, POLICY_LOSSES)
+        check_choice(where, "loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        check_choice(where, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice(where, "kl_placement", self.kl_placement, KL_PLACEMENTS)
+        check_choice(where, "scale_rewards", self.scale_rewards, REWARD_SCALES)
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
+        if self.num_generations < 2 and self.advantage_estimator in GROUP_ESTIMATORS:
+            raise ValueError(
+                f"num_generations={self.num_generations} with advantage_estimator {self.advantage_estimator!r}: this "
+                "estimator's baseline compares completions of the same prompt, so each prompt needs at least 2. "
+                "Set num_generations: 4 (or more), or pick a critic or batch estimator (gae, reinforce_pp)."
+            )
+        if self.num_generations < 2 and self.dynamic_sampling:
+            raise ValueError(
+                "dynamic_sampling drops groups whose completions all scored the same, which needs num_generations >= 2."
+            )
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}.")
+        if self.epsilon_high < self.epsilon:
+            raise ValueError(
+                f"epsilon_high={self.epsilon_high} is below epsilon={self.epsilon}: clip-higher (DAPO) widens the upper "
+                "clip range to let unlikely tokens grow; a narrower upper range is almost certainly a typo."
+            )
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(
+                f"dual_clip={self.dual_clip} must be > 1: it bounds the loss of negative advantages at c x advantage, "
+                "above the normal clip (which sits at 1 - epsilon < 1). Use e.g. 3.0, or leave it unset."
+            )
+        if self.beta < 0:
+            raise ValueError(f"beta (the KL coefficient) must be >= 0, got {self.beta}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (greedy decoding is eval_do_sample: false), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.overlong_penalty_factor > 0 and not 0 < self.overlong_buffer_len < self.max_completion_length:
+            raise ValueError(
+                f"overlong_buffer_len={self.overlong_buffer_len} must be between 1 and max_completion_length-1 "
+                f"({self.max_completion_length - 1}) for the soft overlong punishment."
+            )
+        rollout = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+        if rollout % self.num_generations:
+            raise ValueError(
+                f"A rollout holds per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = "
+                f"{rollout} completions per process, which is not a multiple of num_generations={self.num_generations}: "
+                "every prompt's group must fit whole. Change one of them."
+            )
+        from llmrl.rewards import resolve_reward_func
+
+        for spec in self.reward_funcs:
+            if ":" not in spec:  # built-in names are checked now; user functions import in the trainer
+                resolve_reward_func(spec)
+        n_rewards = len(self.reward_funcs) + (self.reward_model_name_or_path is not None)
+        if self.reward_weights is not None and len(self.reward_weights) != n_rewards:
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values but there are {n_rewards} rewards "
+                f"({self.reward_funcs}{' + reward model' if self.reward_model_name_or_path else ''}): give one each."
+            )
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.beta > 0 or self.kl_target is not None
