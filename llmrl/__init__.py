@@ -22,6 +22,7 @@ _EXPORTS = {
     "Recipe": "llmrl.recipe",
     "load_recipe": "llmrl.recipe",
     "train": "llmrl.trainers",
+    "RLTrainer": "llmrl.trainers.online",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,7 +3,7 @@
 For now it is the smallest real thing the foundation can do, said plainly: build a tiny model
 offline, sample completions for chat prompts, score them, and take ONE hand-written GRPO step with
 the `llmrl.algos` functions. The full demo (SFT, then GRPO/DAPO on a tiny arithmetic task, accuracy
-before and after) replaces this when the online trainer lands (issues #4 and #7).
+before and after, through `llmrl.RLTrainer`) replaces this with issue #7.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{change[sign > 0].mean().item() if (sign > 0).any() else float('nan'):+.3f} for completions with "
           f"A > 0, {change[sign < 0].mean().item() if (sign < 0).any() else float('nan'):+.3f} for A < 0")
     print(f"done in {time.perf_counter() - start:.1f}s. The full demo (SFT then GRPO, accuracy before/after) "
-          "arrives with the online trainer; see README.md.")
+          "arrives with issue #7; see README.md.")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ punishment and `missing_eos_penalty` read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from transformers import GenerationConfig
@@ -37,6 +37,28 @@ class Rollout:
     @property
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1).long()
+
+    def _map(self, fn) -> "Rollout":
+        return Rollout(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def select(self, rows) -> "Rollout":
+        """The rows `rows` (a bool mask, index tensor or slice) of every field."""
+        return self._map(lambda x: x[rows])
+
+    def to(self, device) -> "Rollout":
+        return self._map(lambda x: x.to(device))
+
+    def pad_rows(self, num_rows: int, filler: "Rollout", pad_token_id: int) -> "Rollout":
+        """Grow to `num_rows` rows with copies of `filler`'s first row whose completion mask is 0:
+        they count as no sequence and no token in any loss or statistic. A copy of a real row (not
+        an all-padding one) keeps every attention row non-empty, so the forward stays finite."""
+        missing = num_rows - len(self.group_ids)
+        if missing <= 0:
+            return self
+        extra = filler.select(torch.zeros(missing, dtype=torch.long))
+        extra.completion_mask = torch.zeros_like(extra.completion_mask)
+        extra.group_ids = -1 - torch.arange(missing, device=extra.group_ids.device)  # in no real group
+        return concat_rollouts([self, extra], pad_token_id)
 
 
 def _eos_ids(eos_token_id) -> list[int]:
@@ -106,3 +128,23 @@ def informative_groups(metric: torch.Tensor, group_ids: torch.Tensor) -> torch.T
     low = torch.full((num_groups,), float("inf"), dtype=metric.dtype, device=metric.device).scatter_reduce(0, index, metric, "amin")
     high = torch.full((num_groups,), float("-inf"), dtype=metric.dtype, device=metric.device).scatter_reduce(0, index, metric, "amax")
     return (high > low)[index]
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """The rows of several rollouts in one: prompts left-padded and completions right-padded to the
+    widest of each."""
+    prompt_width = max(p.prompt_ids.shape[1] for p in parts)
+    width = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(x, total, value, side):
+        gap = total - x.shape[1]
+        return torch.nn.functional.pad(x, (gap, 0) if side == "left" else (0, gap), value=value)
+
+    return Rollout(
+        prompt_ids=torch.cat([pad(p.prompt_ids, prompt_width, pad_token_id, "left") for p in parts]),
+        prompt_mask=torch.cat([pad(p.prompt_mask, prompt_width, 0, "left") for p in parts]),
+        completion_ids=torch.cat([pad(p.completion_ids, width, pad_token_id, "right") for p in parts]),
+        completion_mask=torch.cat([pad(p.completion_mask, width, 0.0, "right") for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+        group_ids=torch.cat([p.group_ids for p in parts]),
+    )

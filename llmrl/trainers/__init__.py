@@ -11,7 +11,15 @@ _KINDS = {
     RewardConfig: ("reward model", "#5 (reward-model training)"),
     SFTConfig: ("SFT", "#6 (offline trainers)"),
 }
-RUNNERS: dict[type, object] = {}
+
+
+def _run_online(recipe):
+    from llmrl.trainers.online import run
+
+    return run(recipe)
+
+
+RUNNERS: dict[type, object] = {RLConfig: _run_online}
 
 
 def train(recipe):

@@ -1,0 +1,321 @@
+"""The online RL trainer: one loop for every on-policy preset, read top to bottom in `step()`.
+
+    prompts -> generate n completions each -> score -> [drop flat groups, generate more]
+            -> old / reference logprobs -> per-token rewards -> advantages
+            -> for iteration, mini-batch, micro-batch: policy loss (+ KL) -> backward, step -> log
+
+The loop never branches on an algorithm's name, only on settings (`beta > 0`, `kl_placement`,
+`dynamic_sampling`, ...): the preset chose them.
+
+Batch sizes (per process): a rollout holds R = per_device_train_batch_size x
+gradient_accumulation_steps x num_mini_batches completions, R / num_generations prompts. Every
+process always trains on R rows; rows that dynamic sampling could not fill are all padding (mask
+0), which the loss counts ignore, so every process runs the same number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from llmrl.algos import aggregate_loss, compute_advantages, kl_penalty, loss_counts, masked_mean, policy_loss
+from llmrl.config import ModelConfig, RLConfig
+from llmrl.data import PROMPT_COLUMNS, PromptCollator, load_datasets, require_columns
+from llmrl.logprobs import completion_logprobs
+from llmrl.models import build_reference, load_policy, load_tokenizer
+from llmrl.rewards import overlong_penalty, resolve_reward_funcs, score_completions
+from llmrl.rollout import Rollout, concat_rollouts, generate_completions, informative_groups
+
+logger = logging.getLogger(__name__)
+
+
+class RLTrainer:
+    """Online RL on a causal LM. `RLTrainer(model, args, train_dataset, reward_funcs=...).train()`.
+
+    Args:
+        model: a hub name, a local folder or a model object.
+        args: an `RLConfig` (its preset already resolved).
+        train_dataset: a `datasets.Dataset` with a `prompt` column (string or chat messages); other
+            columns go to the reward functions as keyword arguments.
+        reward_funcs: functions, built-in names or 'module:function' strings, added to
+            `args.reward_funcs`.
+        processing_class: the tokenizer (default: the model's).
+        peft_config: a peft `LoraConfig` to train an adapter (or set use_peft in model_config).
+        model_config: how to load the model (dtype, LoRA, ...); default: plain float32 loading.
+    """
+
+    def __init__(self, model, args: RLConfig, train_dataset, reward_funcs=None, processing_class=None,
+                 peft_config=None, model_config: ModelConfig | None = None):
+        self.args = args
+        self.accelerator = Accelerator()
+        set_seed(args.seed, device_specific=True)  # each process samples different completions
+        model_config = model_config or ModelConfig(model_name_or_path=model if isinstance(model, str) else None)
+        self.tokenizer = processing_class or load_tokenizer(model_config)
+        self.tokenizer.padding_side = "left"
+        policy = load_policy(model_config, model=model, peft_config=peft_config)
+        self.reference = build_reference(policy, model_config, needed=args.beta > 0)
+        self.reward_funcs = resolve_reward_funcs([*args.reward_funcs, *(reward_funcs or [])])
+        if not self.reward_funcs:
+            raise ValueError("No reward: set reward_funcs in the recipe (e.g. [accuracy]) or pass reward_funcs=.")
+        require_columns(train_dataset, PROMPT_COLUMNS, "train_dataset")
+        names = [name for name, _ in self.reward_funcs]
+        if args.dynamic_sampling_metric not in ("reward", *names):
+            raise ValueError(f"dynamic_sampling_metric={args.dynamic_sampling_metric!r} must be 'reward' (the total, "
+                             f"shaping included) or the name of a reward function: {names}.")
+        # Which reward decides that a group is flat: the shaped total by default (a flat total means
+        # zero advantages), or one function, e.g. accuracy as in the DAPO paper.
+        self._filter_column = None if args.dynamic_sampling_metric == "reward" else names.index(
+            args.dynamic_sampling_metric)
+
+        self.rollout_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_mini_batches
+        self.prompts_per_rollout = self.rollout_size // args.num_generations
+        generator = torch.Generator().manual_seed(args.seed)
+        loader = DataLoader(train_dataset, batch_size=self.prompts_per_rollout, shuffle=True, drop_last=True,
+                            generator=generator, collate_fn=PromptCollator(self.tokenizer, args.max_prompt_length))
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                      weight_decay=args.weight_decay)
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(policy, optimizer, loader)
+        self.max_steps = self._total_steps()
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
+        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.max_steps)
+        self.log_history: list[dict] = []
+        self.global_step = 0
+
+    def _total_steps(self) -> int:
+        """Optimizer steps: max_steps, or epochs over the prompts (num_mini_batches x num_iterations each)."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        rollouts = math.ceil(self.args.num_train_epochs * len(self.loader))
+        return rollouts * self.args.num_mini_batches * self.args.num_iterations
+
+    def _prompt_batches(self):
+        while True:  # epochs repeat until max_steps; the sampler reshuffles each pass
+            yield from self.loader
+
+    # ---- generate and score ------------------------------------------------------------------
+
+    def _score(self, batch: dict, rollout: Rollout) -> tuple[torch.Tensor, dict, list]:
+        """Total reward per completion [N] (with overlong and missing-EOS shaping), the per-function
+        reward means, and the decoded completions."""
+        args = self.args
+        n = args.num_generations
+        completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        prompts = [p for p in batch["prompts"] for _ in range(n)]
+        if isinstance(batch["prompts"][0], list):  # chat data: completions as messages, as TRL passes them
+            completions = [[{"role": "assistant", "content": text}] for text in completions]
+        columns = {key: [v for v in values for _ in range(n)] for key, values in batch["columns"].items()}
+        ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+        result = score_completions(self.reward_funcs, args.reward_weights, prompts, completions, columns,
+                                   completion_ids=ids)
+        total = result.total.to(rollout.completion_mask.device)
+        metrics = {f"rewards/{name}": mean for name, mean in result.means.items()}
+        self._per_function = result.rewards  # [N, F], for a dynamic-sampling metric that names a function
+        if args.overlong_penalty_factor > 0:
+            lengths = torch.where(rollout.truncated, args.max_completion_length + 1, rollout.completion_lengths)
+            total = total + overlong_penalty(lengths, args.max_completion_length, args.overlong_buffer_len,
+                                             args.overlong_penalty_factor).to(total.device)
+        if args.missing_eos_penalty:
+            total = total - args.missing_eos_penalty * rollout.truncated.float()
+        return total, metrics, completions
+
+    def generate_and_score(self, batches) -> tuple[Rollout, torch.Tensor, dict]:
+        """One rollout of R rows: generate, score, and (dynamic sampling) keep only informative groups,
+        generating more prompt batches until R rows are kept or max_gen_batches is reached.
+
+        Returns the rollout padded to R rows (filler rows have an empty completion mask), the reward
+        of each row [R] (0 on filler) and the rollout's metrics."""
+        args = self.args
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        kept, kept_rewards, metrics = [], [], {}
+        generated = 0
+        while True:
+            batch = next(batches)
+            rollout = generate_completions(
+                unwrapped, batch["input_ids"], batch["attention_mask"], num_generations=args.num_generations,
+                max_completion_length=args.max_completion_length, eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k)
+            rewards, reward_metrics, completions = self._score(batch, rollout)
+            rollout.group_ids = rollout.group_ids + generated * self.prompts_per_rollout  # unique per batch
+            if generated == 0:
+                self._last_samples = {"prompts": batch["prompts"], "completions": completions,
+                                      "rewards": rewards.tolist()}
+            generated += 1
+            lengths = rollout.completion_lengths.float()
+            for key, value in {**reward_metrics, "reward": rewards.nanmean().item(),
+                               "reward_std": rewards[~rewards.isnan()].std().item(),
+                               "completions/mean_length": lengths.mean().item(),
+                               "completions/max_length": lengths.max().item(),
+                               "completions/truncated_ratio": rollout.truncated.float().mean().item()}.items():
+                metrics.setdefault(key, []).append(value)
+            keep = ~rewards.isnan()  # a row no reward function applied to is not a sample
+            if args.dynamic_sampling:
+                metric = rewards if self._filter_column is None else self._per_function[:, self._filter_column]
+                keep &= informative_groups(metric.to(rewards.device).nan_to_num(0.0), rollout.group_ids)
+            kept.append(rollout.select(keep))
+            kept_rewards.append(rewards[keep])
+            filler = rollout
+            full = sum(len(r) for r in kept_rewards) >= self.rollout_size
+            done = not args.dynamic_sampling or full or generated >= args.max_gen_batches
+            # Every process generates the same number of batches: generation is a collective under
+            # FSDP / ZeRO-3, and the update below must be entered together.
+            if self.accelerator.reduce(torch.tensor(float(not done), device=self.accelerator.device), "sum") == 0:
+                break
+        pad_id = self.tokenizer.pad_token_id
+        rewards = torch.cat(kept_rewards)[: self.rollout_size]
+        rollout = concat_rollouts(kept, pad_id).select(slice(0, self.rollout_size)).pad_rows(
+            self.rollout_size, filler, pad_id)
+        metrics = {key: sum(values) / len(values) for key, values in metrics.items()}
+        metrics["dynamic_sampling/kept_ratio"] = len(rewards) / (generated * self.rollout_size)
+        metrics["dynamic_sampling/gen_batches"] = generated
+        metrics["dynamic_sampling/kept_rows"] = len(rewards)
+        return rollout, torch.nn.functional.pad(rewards, (0, self.rollout_size - len(rewards))), metrics
+
+    # ---- logprobs and advantages ----------------------------------------------------------
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model, rollout: Rollout) -> torch.Tensor:
+        """[R, C] logprobs of the completions, micro-batch by micro-batch, no graph."""
+        size = self.args.per_device_train_batch_size
+        return torch.cat([
+            completion_logprobs(model, rollout.input_ids[i:i + size], rollout.attention_mask[i:i + size],
+                                rollout.completion_ids.shape[1], temperature=self.args.temperature)
+            for i in range(0, len(rollout.group_ids), size)
+        ])
+
+    def advantages(self, rollout: Rollout, rewards: torch.Tensor, old_logprobs, ref_logprobs):
+        """Per-token rewards (sequence reward on the last real token, minus beta x KL when the KL is
+        in the reward), then the estimator over the WHOLE batch of every process, so that batch
+        statistics (whitening, scale_rewards=batch) are global; each process keeps its own rows."""
+        args, mask = self.args, rollout.completion_mask
+        last = (rollout.completion_lengths - 1).clamp(min=0)
+        token_rewards = torch.zeros_like(mask).scatter(1, last[:, None], rewards[:, None].to(mask.dtype)) * mask
+        if args.beta > 0 and args.kl_placement == "reward":
+            token_rewards = token_rewards - args.beta * kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
+        group_ids = rollout.group_ids + self.accelerator.process_index * (1 << 32)  # groups never span processes
+        gathered = [self.accelerator.gather(self.accelerator.pad_across_processes(x, dim=1))
+                    if x.dim() == 2 else self.accelerator.gather(x) for x in (token_rewards, mask, group_ids)]
+        advantages, _ = compute_advantages(args.advantage_estimator, token_rewards=gathered[0], mask=gathered[1],
+                                           group_ids=gathered[2], gamma=args.gamma, lam=args.lam,
+                                           scale_rewards=args.scale_rewards)
+        start = self.accelerator.process_index * len(rewards)
+        return advantages[start:start + len(rewards), : mask.shape[1]]
+
+    # ---- the update -------------------------------------------------------------------------
+
+    def _micro_loss(self, rollout: Rollout, rows: slice, old_logprobs, ref_logprobs, advantages, counts):
+        """The loss of one micro-batch, normalised by the whole optimizer step's counts."""
+        args, mask = self.args, rollout.completion_mask[rows]
+        logprobs, entropy = completion_logprobs(self.model, rollout.input_ids[rows], rollout.attention_mask[rows],
+                                                mask.shape[1], temperature=args.temperature, with_entropy=True)
+        old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
+        per_token, metrics = policy_loss(args.policy_loss, logprobs=logprobs, old_logprobs=old,
+                                         advantages=advantages[rows], mask=mask, epsilon=args.epsilon,
+                                         epsilon_high=args.epsilon_high, dual_clip=args.dual_clip)
+        if args.beta > 0 and args.kl_placement == "loss":
+            kl = kl_penalty(logprobs, ref_logprobs[rows], args.kl_estimator)
+            per_token = per_token + args.beta * kl
+            metrics["kl"] = masked_mean(kl.detach(), mask)
+        loss = aggregate_loss(per_token, mask, args.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1],
+                              max_len=args.max_completion_length)
+        metrics["entropy"] = masked_mean(entropy.detach(), mask)
+        return loss, metrics
+
+    def _step_counts(self, mask: torch.Tensor) -> torch.Tensor:
+        """(num_tokens, num_seqs) of one optimizer step's rows, summed over every process."""
+        return self.accelerator.reduce(torch.stack(loss_counts(mask)).float(), "sum")
+
+    def step(self, batches) -> dict:
+        """One rollout and its updates; returns the metrics to log."""
+        args, start = self.args, time.perf_counter()
+        rollout, rewards, metrics = self.generate_and_score(batches)
+        rollout = rollout.to(self.accelerator.device)
+        rewards = rewards.to(self.accelerator.device)
+        updates = args.num_iterations * args.num_mini_batches
+        if self._step_counts(rollout.completion_mask)[1] == 0:
+            logger.warning(
+                "step %d: no completion was kept (every group's rewards were equal in %d generated batches); "
+                "skipping this update. Raise max_gen_batches or num_generations, or check the reward functions.",
+                self.global_step, metrics["dynamic_sampling/gen_batches"])
+            self.global_step += updates
+            return {**metrics, "skipped": 1.0}
+        on_policy = args.num_iterations == 1 and args.num_mini_batches == 1
+        needs_old = not on_policy or (args.beta > 0 and args.kl_placement == "reward")
+        old_logprobs = self._logprobs_no_grad(self.model, rollout) if needs_old else None
+        ref_logprobs = self._logprobs_no_grad(self.reference, rollout) if self.reference is not None else None
+        advantages = self.advantages(rollout, rewards, old_logprobs, ref_logprobs)
+        valid = rollout.completion_mask.bool()
+        metrics["advantages/mean"] = advantages[valid].mean().item() if valid.any() else 0.0
+        metrics["advantages/std"] = advantages[valid].std().item() if valid.sum() > 1 else 0.0
+
+        self.model.train()
+        size, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        step_metrics: dict[str, list] = {}
+        for _ in range(args.num_iterations):
+            order = torch.randperm(self.rollout_size) if args.num_mini_batches > 1 else torch.arange(self.rollout_size)
+            for mb in range(args.num_mini_batches):
+                rows = order[mb * size * accum:(mb + 1) * size * accum]
+                counts = self._step_counts(rollout.completion_mask[rows])
+                for k in range(accum):
+                    micro = rows[k * size:(k + 1) * size]
+                    # DDP averages gradients over processes; the loss is already a share of the
+                    # global step's sum, so scale it back up to get the sum.
+                    with self.accelerator.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext():
+                        loss, m = self._micro_loss(rollout, micro, old_logprobs, ref_logprobs, advantages, counts)
+                        self.accelerator.backward(loss * self.accelerator.num_processes)
+                    for key, value in {**m, "loss": loss.detach()}.items():
+                        step_metrics.setdefault(key, []).append(float(value))
+                if args.max_grad_norm > 0:
+                    grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    step_metrics.setdefault("grad_norm", []).append(float(grad_norm))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+        metrics.update({key: sum(v) / len(v) for key, v in step_metrics.items()})
+        metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
+        elapsed = time.perf_counter() - start
+        metrics["step_time"] = elapsed
+        metrics["tokens_per_second"] = float(rollout.attention_mask.sum()) / elapsed
+        return metrics
+
+    def train(self):
+        batches = self._prompt_batches()
+        self.model.train()
+        while self.global_step < self.max_steps:
+            metrics = self.step(batches)
+            metrics = {key: self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), "mean").item()
+                       for key, value in metrics.items()}
+            metrics["step"] = self.global_step
+            self.log_history.append(metrics)
+            if self.accelerator.is_main_process and self.global_step % self.args.logging_steps == 0:
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+        self.save_model(self.args.output_dir)
+        return self.log_history
+
+    def save_model(self, output_dir: str):
+        """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            self.tokenizer.save_pretrained(output_dir)
+
+
+def run(recipe):
+    """`llmrl train` for the online presets: the recipe's data and model through `RLTrainer`."""
+    train_rows, _ = load_datasets(recipe.data, required=PROMPT_COLUMNS)
+    trainer = RLTrainer(recipe.model.model_name_or_path, recipe.args, train_rows, model_config=recipe.model)
+    return trainer.train()
