@@ -20,7 +20,12 @@ import argparse
 
 import torch
 from tokenizers import Tokenizer, decoders, models
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 PAD, EOS, UNK = "<|pad|>", "<|end|>", "<|unk|>"
 ROLES = ("system", "user", "assistant")

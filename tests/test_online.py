@@ -2,8 +2,10 @@
 counts, gradient invariance end to end, bad input, and the recipe path."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -192,3 +194,59 @@ def test_llmrl_train_runs_a_recipe_end_to_end(tiny_model_dir, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
     logged = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"')]
     assert [m["step"] for m in logged] == [1, 2] and "rewards/accuracy" in logged[0]
+
+
+# ---- two processes --------------------------------------------------------------------------
+
+REWARD_MODULE = '''
+def char_code_reward(prompts, completions, **kwargs):
+    """A deterministic reward that differs between completions: their characters' codes, mod 7."""
+    return [float(sum(map(ord, c)) % 7) for c in completions]
+'''
+
+
+def run_recipe(tmp_path, tiny_model_dir, name, processes, batch_size):
+    """One optimizer step of REINFORCE++ (global whitening: statistics across processes) with
+    deterministic generation (top_k 1), so 1 and 2 processes see the same completions."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} plus {i} is"}) + "\n" for i in range(16)))
+    (tmp_path / "rewardmod.py").write_text(REWARD_MODULE)
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "algorithm": "reinforce_pp", "model_name_or_path": tiny_model_dir, "dataset_name": str(data),
+        "reward_funcs": ["rewardmod:char_code_reward"], "num_generations": 1, "top_k": 1,
+        "per_device_train_batch_size": batch_size, "max_completion_length": 8, "max_steps": 1,
+        "learning_rate": 1e-3, "max_grad_norm": 0.0, "output_dir": str(tmp_path / name), "seed": 3}))
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+    launch += ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launch, "-m", "llmrl", "train", str(recipe)], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return AutoModelForCausalLM.from_pretrained(tmp_path / name)
+
+
+def sharp_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model with its weight matrices scaled up, so that greedy completions depend on the
+    prompt (a freshly initialised model answers every prompt with the same characters)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(8)
+    model.save_pretrained(tmp_path / "sharp")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "sharp")
+    return str(tmp_path / "sharp")
+
+
+def test_two_processes_give_the_one_process_update(tiny_model_dir, tmp_path):
+    model_dir = sharp_model_dir(tiny_model_dir, tmp_path)
+    start = AutoModelForCausalLM.from_pretrained(model_dir)
+    one = run_recipe(tmp_path, model_dir, "one", processes=1, batch_size=16)
+    two = run_recipe(tmp_path, model_dir, "two", processes=2, batch_size=8)
+    moved = 0.0
+    for (name, p0), p1, p2 in zip(start.named_parameters(), one.parameters(), two.parameters()):
+        moved = max(moved, (p1 - p0).abs().max().item())
+        assert torch.allclose(p1, p2, atol=1e-5), f"{name}: {(p1 - p2).abs().max():.2e}"
+    assert moved > 1e-4, "the step must change the weights for the comparison to mean anything"

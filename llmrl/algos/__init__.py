@@ -5,7 +5,12 @@ Each registry is a plain dict from name to function with one signature per regis
 looks the name up and raises a ValueError listing the valid names for an unknown one.
 """
 
-from .advantages import ADVANTAGE_ESTIMATORS, REWARD_SCALES, compute_advantages, group_stats
+from .advantages import (
+    ADVANTAGE_ESTIMATORS,
+    REWARD_SCALES,
+    compute_advantages,
+    group_stats,
+)
 from .aggregate import (
     LOSS_AGG_MODES,
     aggregate_loss,

@@ -160,7 +160,13 @@ class RLConfig(TrainConfig):
         self._validate()
 
     def _validate(self):
-        from llmrl.algos import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, REWARD_SCALES
+        from llmrl.algos import (
+            ADVANTAGE_ESTIMATORS,
+            KL_ESTIMATORS,
+            LOSS_AGG_MODES,
+            POLICY_LOSSES,
+            REWARD_SCALES,
+        )
 
         where = f"algorithm {self.algorithm!r}"
         check_choice(where, "advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)

@@ -14,7 +14,13 @@ of N, plus ``completion_ids`` and ``trainer_state``, which a function may ignore
 - :mod:`.scoring`: ``score_completions`` (call, check, weight, sum) and ``overlong_penalty`` (DAPO).
 """
 
-from .answers import ANSWER_MODES, answers_match, completion_text, extract_answer, parse_number
+from .answers import (
+    ANSWER_MODES,
+    answers_match,
+    completion_text,
+    extract_answer,
+    parse_number,
+)
 from .builtins import (
     REWARD_FUNCTIONS,
     make_accuracy_reward,
@@ -23,7 +29,13 @@ from .builtins import (
     resolve_reward_func,
     resolve_reward_funcs,
 )
-from .scoring import RewardFunctionError, RewardResult, overlong_penalty, score_completions, weighted_total
+from .scoring import (
+    RewardFunctionError,
+    RewardResult,
+    overlong_penalty,
+    score_completions,
+    weighted_total,
+)
 
 __all__ = [
     "ANSWER_MODES",

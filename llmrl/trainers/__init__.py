@@ -24,7 +24,7 @@ RUNNERS: dict[type, object] = {RLConfig: _run_online}
 
 def train(recipe):
     """Run the trainer that `recipe.args.algorithm` selects; print and save the resolved config first."""
-    from accelerate import PartialState
+    from llmrl.trainers.common import process_state
 
     config_class = ALGORITHMS[recipe.args.algorithm]
     runner = RUNNERS.get(config_class)
@@ -34,7 +34,7 @@ def train(recipe):
             f"algorithm {recipe.args.algorithm!r} resolved, but the {kind} trainer is not implemented yet "
             f"(it arrives with issue {issue}). `llmrl train RECIPE --print_config` shows the resolved settings."
         )
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(f"Resolved config ({recipe.source or 'from code'}):\n{recipe.to_yaml()}")
         recipe.save()
     return runner(recipe)

@@ -23,18 +23,30 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from llmrl.algos import aggregate_loss, compute_advantages, kl_penalty, loss_counts, masked_mean, policy_loss
+from llmrl.algos import (
+    aggregate_loss,
+    compute_advantages,
+    kl_penalty,
+    loss_counts,
+    masked_mean,
+    policy_loss,
+)
 from llmrl.config import ModelConfig, RLConfig
 from llmrl.data import PROMPT_COLUMNS, PromptCollator, load_datasets, require_columns
 from llmrl.logprobs import completion_logprobs
 from llmrl.models import build_reference, load_policy, load_tokenizer
 from llmrl.rewards import overlong_penalty, resolve_reward_funcs, score_completions
-from llmrl.rollout import Rollout, concat_rollouts, generate_completions, informative_groups
+from llmrl.rollout import (
+    Rollout,
+    concat_rollouts,
+    generate_completions,
+    informative_groups,
+)
+from llmrl.trainers.common import make_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +69,7 @@ class RLTrainer:
     def __init__(self, model, args: RLConfig, train_dataset, reward_funcs=None, processing_class=None,
                  peft_config=None, model_config: ModelConfig | None = None):
         self.args = args
-        self.accelerator = Accelerator()
+        self.accelerator = make_accelerator()
         set_seed(args.seed, device_specific=True)  # each process samples different completions
         model_config = model_config or ModelConfig(model_name_or_path=model if isinstance(model, str) else None)
         self.tokenizer = processing_class or load_tokenizer(model_config)
@@ -106,9 +118,10 @@ class RLTrainer:
 
     # ---- generate and score ------------------------------------------------------------------
 
-    def _score(self, batch: dict, rollout: Rollout) -> tuple[torch.Tensor, dict, list]:
-        """Total reward per completion [N] (with overlong and missing-EOS shaping), the per-function
-        reward means, and the decoded completions."""
+    def _score(self, batch: dict, rollout: Rollout):
+        """`(total [N], per_function [N, F], metrics, completions)`: the weighted reward with overlong
+        and missing-EOS shaping, each function's rewards (NaN = not applicable), their means, and the
+        decoded completions."""
         args = self.args
         n = args.num_generations
         completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
@@ -121,14 +134,13 @@ class RLTrainer:
                                    completion_ids=ids)
         total = result.total.to(rollout.completion_mask.device)
         metrics = {f"rewards/{name}": mean for name, mean in result.means.items()}
-        self._per_function = result.rewards  # [N, F], for a dynamic-sampling metric that names a function
         if args.overlong_penalty_factor > 0:
             lengths = torch.where(rollout.truncated, args.max_completion_length + 1, rollout.completion_lengths)
             total = total + overlong_penalty(lengths, args.max_completion_length, args.overlong_buffer_len,
                                              args.overlong_penalty_factor).to(total.device)
         if args.missing_eos_penalty:
             total = total - args.missing_eos_penalty * rollout.truncated.float()
-        return total, metrics, completions
+        return total, result.rewards.to(total.device), metrics, completions
 
     def generate_and_score(self, batches) -> tuple[Rollout, torch.Tensor, dict]:
         """One rollout of R rows: generate, score, and (dynamic sampling) keep only informative groups,
@@ -147,11 +159,8 @@ class RLTrainer:
                 max_completion_length=args.max_completion_length, eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k)
-            rewards, reward_metrics, completions = self._score(batch, rollout)
+            rewards, per_function, reward_metrics, _ = self._score(batch, rollout)
             rollout.group_ids = rollout.group_ids + generated * self.prompts_per_rollout  # unique per batch
-            if generated == 0:
-                self._last_samples = {"prompts": batch["prompts"], "completions": completions,
-                                      "rewards": rewards.tolist()}
             generated += 1
             lengths = rollout.completion_lengths.float()
             for key, value in {**reward_metrics, "reward": rewards.nanmean().item(),
@@ -162,8 +171,8 @@ class RLTrainer:
                 metrics.setdefault(key, []).append(value)
             keep = ~rewards.isnan()  # a row no reward function applied to is not a sample
             if args.dynamic_sampling:
-                metric = rewards if self._filter_column is None else self._per_function[:, self._filter_column]
-                keep &= informative_groups(metric.to(rewards.device).nan_to_num(0.0), rollout.group_ids)
+                metric = rewards if self._filter_column is None else per_function[:, self._filter_column]
+                keep &= informative_groups(metric.nan_to_num(0.0), rollout.group_ids)
             kept.append(rollout.select(keep))
             kept_rewards.append(rewards[keep])
             filler = rollout
@@ -280,12 +289,12 @@ class RLTrainer:
                 if args.max_grad_norm > 0:
                     grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                     step_metrics.setdefault("grad_norm", []).append(float(grad_norm))
+                step_metrics.setdefault("learning_rate", []).append(self.scheduler.get_last_lr()[0])
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.global_step += 1
         metrics.update({key: sum(v) / len(v) for key, v in step_metrics.items()})
-        metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         elapsed = time.perf_counter() - start
         metrics["step_time"] = elapsed
         metrics["tokens_per_second"] = float(rollout.attention_mask.sum()) / elapsed
@@ -296,7 +305,7 @@ class RLTrainer:
         self.model.train()
         while self.global_step < self.max_steps:
             metrics = self.step(batches)
-            metrics = {key: self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), "mean").item()
+            metrics = {key: self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device), "mean").item()
                        for key, value in metrics.items()}
             metrics["step"] = self.global_step
             self.log_history.append(metrics)

@@ -1,0 +1,24 @@
+"""What every trainer shares about processes and devices."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator, PartialState
+
+
+def _cpu_processes() -> bool:
+    """Several processes and no CUDA: accelerate must be told to run them on the CPU. Without
+    `cpu=True` each process of `accelerate launch --multi_gpu` / torchrun on a CPU machine
+    believes it is alone (DistributedType.NO), and they silently train apart."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state() -> PartialState:
+    """The process group this run belongs to (created on first use)."""
+    return PartialState(cpu=_cpu_processes())
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    return Accelerator(cpu=_cpu_processes(), **kwargs)
