@@ -64,14 +64,17 @@ def test_unknown_command():
     assert result.returncode == 2 and "unknown command 'trian'" in result.stderr
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
-def test_train_dispatches_on_algorithm(tmp_path, algorithm):
-    """Until a trainer lands, its algorithm resolves and then says plainly that it is not built yet."""
+def _algorithms_without_trainer():
     from llmrl.config import ALGORITHMS
     from llmrl.trainers import RUNNERS
 
-    if ALGORITHMS[algorithm] in RUNNERS:
-        pytest.skip(f"the {algorithm} trainer exists; its own tests run it")
+    # one algorithm per trainer config that has no runner yet
+    return list({cls: name for name, cls in ALGORITHMS.items() if cls not in RUNNERS}.values())
+
+
+@pytest.mark.parametrize("algorithm", _algorithms_without_trainer())
+def test_train_dispatches_on_algorithm(tmp_path, algorithm):
+    """Until a trainer lands, its algorithm resolves and then says plainly that it is not built yet."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"algorithm: {algorithm}\nmodel_name_or_path: m\noutput_dir: {tmp_path / 'out'}\n")
     result = run("train", str(recipe))
