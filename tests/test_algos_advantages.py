@@ -8,7 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmrl.algos import ADVANTAGE_ESTIMATORS, compute_advantages, masked_mean, masked_var
+from llmrl.algos import (
+    ADVANTAGE_ESTIMATORS,
+    compute_advantages,
+    masked_mean,
+    masked_var,
+)
 
 GROUP_ESTIMATORS = ["grpo", "rloo", "reinforce_pp_baseline"]
 EPS = 1e-6

@@ -6,7 +6,14 @@ import statistics
 import pytest
 import torch
 
-from llmrl.algos import LOSS_AGG_MODES, aggregate_loss, loss_counts, masked_mean, masked_var, masked_whiten
+from llmrl.algos import (
+    LOSS_AGG_MODES,
+    aggregate_loss,
+    loss_counts,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+)
 
 MAX_LEN = 16
 

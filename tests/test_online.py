@@ -250,3 +250,44 @@ def test_two_processes_give_the_one_process_update(tiny_model_dir, tmp_path):
         moved = max(moved, (p1 - p0).abs().max().item())
         assert torch.allclose(p1, p2, atol=1e-5), f"{name}: {(p1 - p2).abs().max():.2e}"
     assert moved > 1e-4, "the step must change the weights for the comparison to mean anything"
+
+
+# ---- checkpoints and resume -------------------------------------------------------------------
+
+
+def test_resumed_run_equals_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Stop after step 2 (checkpoint), resume to step 4: the same weights as 4 steps in one go.
+    The stopped run has its own max_steps, so the LR schedule is constant to keep them comparable."""
+    common = dict(num_generations=4, per_device_train_batch_size=8, lr_scheduler_type="constant",
+                  dataset=chat_prompts(12))  # 6 rollouts an epoch: the resume crosses no epoch boundary
+    whole = make_trainer(tiny_model_dir, tmp_path / "whole", max_steps=4, save_steps=0, **common)
+    whole.train()
+    first = make_trainer(tiny_model_dir, tmp_path / "split", max_steps=2, save_steps=2, **common)
+    first.train()
+    assert (tmp_path / "split" / "out" / "checkpoint-2" / "model" / "model.safetensors").exists()
+    resumed = make_trainer(tiny_model_dir, tmp_path / "split", max_steps=4, save_steps=2,
+                           resume_from_checkpoint="true", **common)
+    history = resumed.train()
+    assert [h["step"] for h in history] == [3, 4]
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+    assert [p.name for p in sorted((tmp_path / "split" / "out").glob("checkpoint-*"))] == ["checkpoint-2",
+                                                                                            "checkpoint-4"]
+
+
+def test_save_total_limit_keeps_the_newest_and_checkpoints_load_plainly(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=3, save_steps=1, save_total_limit=2,
+                           num_generations=4, per_device_train_batch_size=8)
+    trainer.train()
+    out = tmp_path / "out"
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-3"]
+    assert not list(out.glob(".tmp-*"))
+    saved = AutoModelForCausalLM.from_pretrained(out / "checkpoint-3" / "model")
+    for a, b in zip(trainer.model.parameters(), saved.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_true_without_checkpoint_says_so(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=1, resume_from_checkpoint="true")
+    with pytest.raises(ValueError, match="holds no checkpoint-<step> folder yet"):
+        trainer.train()

@@ -46,6 +46,7 @@ from llmrl.rollout import (
     generate_completions,
     informative_groups,
 )
+from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from llmrl.trainers.common import make_accelerator
 
 logger = logging.getLogger(__name__)
@@ -102,8 +103,10 @@ class RLTrainer:
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.max_steps)
+        self.accelerator.register_for_checkpointing(self.scheduler)
         self.log_history: list[dict] = []
         self.global_step = 0
+        self.batches_consumed = 0  # prompt batches drawn so far: the data position a resume restores
 
     def _total_steps(self) -> int:
         """Optimizer steps: max_steps, or epochs over the prompts (num_mini_batches x num_iterations each)."""
@@ -112,9 +115,16 @@ class RLTrainer:
         rollouts = math.ceil(self.args.num_train_epochs * len(self.loader))
         return rollouts * self.args.num_mini_batches * self.args.num_iterations
 
-    def _prompt_batches(self):
-        while True:  # epochs repeat until max_steps; the sampler reshuffles each pass
-            yield from self.loader
+    def _prompt_batches(self, skip: int = 0):
+        """Prompt batches without end (each pass reshuffles), after replaying the first `skip`: the
+        shuffling generator then stands where it stood, so a resumed run sees the same prompts."""
+        drawn = 0
+        while True:
+            for batch in self.loader:
+                drawn += 1
+                if drawn > skip:
+                    self.batches_consumed = drawn
+                    yield batch
 
     # ---- generate and score ------------------------------------------------------------------
 
@@ -301,7 +311,14 @@ class RLTrainer:
         return metrics
 
     def train(self):
-        batches = self._prompt_batches()
+        skip = 0
+        resume = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir)
+        if resume is not None:
+            state = load_checkpoint(self.accelerator, resume)
+            self.global_step, skip = state["step"], state["batches_consumed"]
+            if self.accelerator.is_main_process:
+                print(f"resumed from {resume} at step {self.global_step}")
+        batches = self._prompt_batches(skip)
         self.model.train()
         while self.global_step < self.max_steps:
             metrics = self.step(batches)
@@ -311,8 +328,15 @@ class RLTrainer:
             self.log_history.append(metrics)
             if self.accelerator.is_main_process and self.global_step % self.args.logging_steps == 0:
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+            if self.args.save_steps > 0 and self.global_step % self.args.save_steps == 0:
+                self.save_checkpoint()
         self.save_model(self.args.output_dir)
         return self.log_history
+
+    def save_checkpoint(self):
+        return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
+                               {"batches_consumed": self.batches_consumed},
+                               self.accelerator.unwrap_model(self.model), self.tokenizer, self.args.save_total_limit)
 
     def save_model(self, output_dir: str):
         """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder."""
