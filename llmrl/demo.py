@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     answers = [row["answer"] for row in PROMPTS for _ in range(args.num_generations)]
     rewards = torch.tensor(digit_reward(texts, answers))
     completion_mask = rollout.completion_mask
-    last = rollout.completion_lengths - 1
-    token_rewards = torch.zeros_like(completion_mask).scatter(1, last[:, None], rewards[:, None])
+    token_rewards = rollout.outcome_rewards(rewards)
     advantages, _ = compute_advantages("grpo", token_rewards=token_rewards, mask=completion_mask,
                                        group_ids=rollout.group_ids)
     print(f"[3/4] rewards {rewards.tolist()} -> GRPO advantages per completion {advantages[:, 0].round(decimals=2).tolist()}")

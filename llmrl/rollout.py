@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import GenerationConfig
 
+from llmrl.models import last_token_index
+
 
 @dataclass
 class Rollout:
@@ -37,6 +39,13 @@ class Rollout:
     @property
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1).long()
+
+    def outcome_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
+        """`[N]` sequence rewards -> `[N, C]` per-token rewards: each on its completion's last real
+        token (EOS included), 0 elsewhere, as `llmrl.algos.compute_advantages` expects them."""
+        mask = self.completion_mask
+        last = last_token_index(mask)[:, None]
+        return torch.zeros_like(mask).scatter(1, last, rewards[:, None].to(mask.dtype)) * mask
 
     def _map(self, fn) -> "Rollout":
         return Rollout(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})

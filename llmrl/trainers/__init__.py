@@ -6,7 +6,6 @@ from llmrl.config import ALGORITHMS, DPOConfig, RewardConfig, RLConfig, SFTConfi
 
 # Config class -> (trainer kind, the issue that builds it). A kind with no runner yet says so.
 _KINDS = {
-    RLConfig: ("online RL", "#4 (online trainer) and #5 (PPO)"),
     DPOConfig: ("DPO", "#6 (offline trainers)"),
     RewardConfig: ("reward model", "#5 (reward-model training)"),
     SFTConfig: ("SFT", "#6 (offline trainers)"),

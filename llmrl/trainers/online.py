@@ -9,8 +9,9 @@ The loop never branches on an algorithm's name, only on settings (`beta > 0`, `k
 
 Batch sizes (per process): a rollout holds R = per_device_train_batch_size x
 gradient_accumulation_steps x num_mini_batches completions, R / num_generations prompts. Every
-process always trains on R rows; rows that dynamic sampling could not fill are all padding (mask
-0), which the loss counts ignore, so every process runs the same number of micro-batches.
+process always trains on R rows; rows that dynamic sampling could not fill are copies of a real
+row with an empty completion mask, which every loss and count ignores, so every process runs the
+same number of micro-batches.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ class RLTrainer:
     def __init__(self, model, args: RLConfig, train_dataset, reward_funcs=None, processing_class=None,
                  peft_config=None, model_config: ModelConfig | None = None):
         self.args = args
+        if args.advantage_estimator == "gae":
+            raise NotImplementedError(
+                f"algorithm {args.algorithm!r} uses GAE, which needs a critic (value model); PPO with a critic "
+                "arrives with issue #5. The critic-free presets (grpo, dr_grpo, dapo, rloo, reinforce_pp, "
+                "reinforce_pp_baseline) run now."
+            )
         self.accelerator = make_accelerator()
         set_seed(args.seed, device_specific=True)  # each process samples different completions
         model_config = model_config or ModelConfig(model_name_or_path=model if isinstance(model, str) else None)
@@ -129,9 +136,8 @@ class RLTrainer:
     # ---- generate and score ------------------------------------------------------------------
 
     def _score(self, batch: dict, rollout: Rollout):
-        """`(total [N], per_function [N, F], metrics, completions)`: the weighted reward with overlong
-        and missing-EOS shaping, each function's rewards (NaN = not applicable), their means, and the
-        decoded completions."""
+        """`(total [N], per_function [N, F], metrics)`: the weighted reward with overlong and
+        missing-EOS shaping, each function's rewards (NaN = not applicable), and their means."""
         args = self.args
         n = args.num_generations
         completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
@@ -150,7 +156,7 @@ class RLTrainer:
                                              args.overlong_penalty_factor).to(total.device)
         if args.missing_eos_penalty:
             total = total - args.missing_eos_penalty * rollout.truncated.float()
-        return total, result.rewards.to(total.device), metrics, completions
+        return total, result.rewards.to(total.device), metrics
 
     def generate_and_score(self, batches) -> tuple[Rollout, torch.Tensor, dict]:
         """One rollout of R rows: generate, score, and (dynamic sampling) keep only informative groups,
@@ -169,7 +175,7 @@ class RLTrainer:
                 max_completion_length=args.max_completion_length, eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k)
-            rewards, per_function, reward_metrics, _ = self._score(batch, rollout)
+            rewards, per_function, reward_metrics = self._score(batch, rollout)
             rollout.group_ids = rollout.group_ids + generated * self.prompts_per_rollout  # unique per batch
             generated += 1
             lengths = rollout.completion_lengths.float()
@@ -219,8 +225,7 @@ class RLTrainer:
         in the reward), then the estimator over the WHOLE batch of every process, so that batch
         statistics (whitening, scale_rewards=batch) are global; each process keeps its own rows."""
         args, mask = self.args, rollout.completion_mask
-        last = (rollout.completion_lengths - 1).clamp(min=0)
-        token_rewards = torch.zeros_like(mask).scatter(1, last[:, None], rewards[:, None].to(mask.dtype)) * mask
+        token_rewards = rollout.outcome_rewards(rewards)
         if args.beta > 0 and args.kl_placement == "reward":
             token_rewards = token_rewards - args.beta * kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
         group_ids = rollout.group_ids + self.accelerator.process_index * (1 << 32)  # groups never span processes
