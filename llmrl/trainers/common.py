@@ -20,5 +20,14 @@ def process_state() -> PartialState:
     return PartialState(cpu=_cpu_processes())
 
 
-def make_accelerator(**kwargs) -> Accelerator:
+def make_accelerator(args=None, **kwargs) -> Accelerator:
+    """The run's Accelerator; with a trainer config `args`, its `report_to` trackers write to
+    `logging_dir` (default output_dir/runs)."""
+    if args is not None:
+        from llmrl.trainers.tracking import logging_dir, tracker_names
+
+        trackers = tracker_names(args.report_to)
+        if trackers:
+            kwargs.setdefault("log_with", trackers)
+            kwargs.setdefault("project_dir", logging_dir(args))
     return Accelerator(cpu=_cpu_processes(), **kwargs)
