@@ -8,13 +8,17 @@ from __future__ import annotations
 import sys
 
 USAGE = """usage: llmrl train [RECIPE.yaml] [--field value ...] [--print_config]
-       llmrl eval  [RECIPE.yaml] [--field value ...]
+       llmrl eval  [RECIPE.yaml] [--field value ...] [--output_file FILE.jsonl]
        llmrl train --help                  # every field of the recipe's algorithm (default grpo)
        llmrl train --algorithm dpo --help  # the fields of another trainer
 
 Post-train a causal language model. A recipe is a flat YAML file of fields; flags override it,
 the algorithm's preset fills what both leave unset. `--print_config` resolves and prints the
 settings without training. The same command runs under `accelerate launch -m llmrl train ...`.
+
+`llmrl eval` scores one completion per prompt (greedy unless --eval_do_sample true) of the
+recipe's eval split, or of dataset_name when none is set, with its reward_funcs, e.g.
+    llmrl eval --model_name_or_path outputs/grpo --dataset_name data/test.jsonl --reward_funcs accuracy
 """
 
 
@@ -76,9 +80,23 @@ def train_command(argv: list[str]) -> int:
 
 
 def eval_command(argv: list[str]) -> int:
-    raise NotImplementedError(
-        "`llmrl eval` arrives with the online trainer (issue #4); `llmrl train RECIPE --print_config` works now."
-    )
+    from llmrl.evaluation import run_eval
+    from llmrl.recipe import RecipeError, load_recipe
+
+    recipe_path, flags = _split_recipe(argv)
+    output_file = None
+    if "--output_file" in flags:
+        at = flags.index("--output_file")
+        if at + 1 >= len(flags):
+            raise RecipeError("--output_file needs a path, e.g. --output_file results.jsonl")
+        output_file = flags[at + 1]
+        flags = flags[:at] + flags[at + 2:]
+    recipe = load_recipe(recipe_path, flags)
+    try:
+        run_eval(recipe, output_file)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    return 0
 
 
 COMMANDS = {"train": train_command, "eval": eval_command}

@@ -212,7 +212,8 @@ def char_code_reward(prompts, completions, **kwargs):
 
 def run_recipe(tmp_path, tiny_model_dir, name, processes, batch_size):
     """One optimizer step of REINFORCE++ (global whitening: statistics across processes) with
-    deterministic generation (top_k 1), so 1 and 2 processes see the same completions."""
+    deterministic generation (top_k 1), so 1 and 2 processes see the same completions, then a
+    greedy evaluation of the 16 prompts. Returns the trained model and the eval record."""
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} plus {i} is"}) + "\n" for i in range(16)))
     (tmp_path / "rewardmod.py").write_text(REWARD_MODULE)
@@ -221,7 +222,8 @@ def run_recipe(tmp_path, tiny_model_dir, name, processes, batch_size):
         "algorithm": "reinforce_pp", "model_name_or_path": tiny_model_dir, "dataset_name": str(data),
         "reward_funcs": ["rewardmod:char_code_reward"], "num_generations": 1, "top_k": 1,
         "per_device_train_batch_size": batch_size, "max_completion_length": 8, "max_steps": 1,
-        "learning_rate": 1e-3, "max_grad_norm": 0.0, "output_dir": str(tmp_path / name), "seed": 3}))
+        "learning_rate": 1e-3, "max_grad_norm": 0.0, "output_dir": str(tmp_path / name), "seed": 3,
+        "eval_dataset_name": str(data), "per_device_eval_batch_size": 5}))
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
     launch += ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
@@ -229,27 +231,19 @@ def run_recipe(tmp_path, tiny_model_dir, name, processes, batch_size):
     result = subprocess.run([*launch, "-m", "llmrl", "train", str(recipe)], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return AutoModelForCausalLM.from_pretrained(tmp_path / name)
+    evals = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"eval/')]
+    assert len(evals) == 1, result.stdout[-3000:]
+    return AutoModelForCausalLM.from_pretrained(tmp_path / name), evals[0]
 
 
-def sharp_model_dir(tiny_model_dir, tmp_path):
-    """The tiny model with its weight matrices scaled up, so that greedy completions depend on the
-    prompt (a freshly initialised model answers every prompt with the same characters)."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(8)
-    model.save_pretrained(tmp_path / "sharp")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "sharp")
-    return str(tmp_path / "sharp")
-
-
-def test_two_processes_give_the_one_process_update(tiny_model_dir, tmp_path):
-    model_dir = sharp_model_dir(tiny_model_dir, tmp_path)
+def test_two_processes_give_the_one_process_update(sharp_model_dir, tmp_path):
+    model_dir = sharp_model_dir
     start = AutoModelForCausalLM.from_pretrained(model_dir)
-    one = run_recipe(tmp_path, model_dir, "one", processes=1, batch_size=16)
-    two = run_recipe(tmp_path, model_dir, "two", processes=2, batch_size=8)
+    one, eval_one = run_recipe(tmp_path, model_dir, "one", processes=1, batch_size=16)
+    two, eval_two = run_recipe(tmp_path, model_dir, "two", processes=2, batch_size=8)
+    # Each process scores half of the eval prompts; the logged metrics are over all of them.
+    assert eval_two["eval/num_samples"] == eval_one["eval/num_samples"] == 16
+    assert eval_two["eval/reward"] == pytest.approx(eval_one["eval/reward"], abs=1e-6)
     moved = 0.0
     for (name, p0), p1, p2 in zip(start.named_parameters(), one.parameters(), two.parameters()):
         moved = max(moved, (p1 - p0).abs().max().item())

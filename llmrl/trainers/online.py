@@ -17,7 +17,6 @@ same number of micro-batches.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -38,9 +37,10 @@ from llmrl.algos import (
 )
 from llmrl.config import ModelConfig, RLConfig
 from llmrl.data import PROMPT_COLUMNS, PromptCollator, load_datasets, require_columns
+from llmrl.evaluation import evaluate_policy, sample_rows, score_rollout
 from llmrl.logprobs import completion_logprobs
 from llmrl.models import build_reference, load_policy, load_tokenizer
-from llmrl.rewards import overlong_penalty, resolve_reward_funcs, score_completions
+from llmrl.rewards import overlong_penalty, resolve_reward_funcs
 from llmrl.rollout import (
     Rollout,
     concat_rollouts,
@@ -49,6 +49,7 @@ from llmrl.rollout import (
 )
 from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from llmrl.trainers.common import make_accelerator
+from llmrl.trainers.tracking import RunLogger, append_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +62,19 @@ class RLTrainer:
         args: an `RLConfig` (its preset already resolved).
         train_dataset: a `datasets.Dataset` with a `prompt` column (string or chat messages); other
             columns go to the reward functions as keyword arguments.
+        eval_dataset: prompts scored every `eval_steps` and at the end (one completion each,
+            greedy unless `eval_do_sample`).
         reward_funcs: functions, built-in names or 'module:function' strings, added to
             `args.reward_funcs`.
         processing_class: the tokenizer (default: the model's).
         peft_config: a peft `LoraConfig` to train an adapter (or set use_peft in model_config).
         model_config: how to load the model (dtype, LoRA, ...); default: plain float32 loading.
+        config: the settings to record with the trackers (default: `args`).
     """
 
     def __init__(self, model, args: RLConfig, train_dataset, reward_funcs=None, processing_class=None,
-                 peft_config=None, model_config: ModelConfig | None = None):
+                 peft_config=None, model_config: ModelConfig | None = None, eval_dataset=None,
+                 config: dict | None = None):
         self.args = args
         if args.advantage_estimator == "gae":
             raise NotImplementedError(
@@ -77,7 +82,7 @@ class RLTrainer:
                 "arrives with issue #5. The critic-free presets (grpo, dr_grpo, dapo, rloo, reinforce_pp, "
                 "reinforce_pp_baseline) run now."
             )
-        self.accelerator = make_accelerator()
+        self.accelerator = make_accelerator(args)
         set_seed(args.seed, device_specific=True)  # each process samples different completions
         model_config = model_config or ModelConfig(model_name_or_path=model if isinstance(model, str) else None)
         self.tokenizer = processing_class or load_tokenizer(model_config)
@@ -88,6 +93,9 @@ class RLTrainer:
         if not self.reward_funcs:
             raise ValueError("No reward: set reward_funcs in the recipe (e.g. [accuracy]) or pass reward_funcs=.")
         require_columns(train_dataset, PROMPT_COLUMNS, "train_dataset")
+        if eval_dataset is not None:
+            require_columns(eval_dataset, PROMPT_COLUMNS, "eval_dataset")
+        self.eval_dataset = eval_dataset
         names = [name for name, _ in self.reward_funcs]
         if args.dynamic_sampling_metric not in ("reward", *names):
             raise ValueError(f"dynamic_sampling_metric={args.dynamic_sampling_metric!r} must be 'reward' (the total, "
@@ -111,7 +119,8 @@ class RLTrainer:
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.max_steps)
         self.accelerator.register_for_checkpointing(self.scheduler)
-        self.log_history: list[dict] = []
+        self._config = config if config is not None else vars(args)
+        self.logger: RunLogger | None = None
         self.global_step = 0
         self.batches_consumed = 0  # prompt batches drawn so far: the data position a resume restores
 
@@ -136,18 +145,12 @@ class RLTrainer:
     # ---- generate and score ------------------------------------------------------------------
 
     def _score(self, batch: dict, rollout: Rollout):
-        """`(total [N], per_function [N, F], metrics)`: the weighted reward with overlong and
-        missing-EOS shaping, each function's rewards (NaN = not applicable), and their means."""
+        """`(total [N], per_function [N, F], metrics, samples)`: the weighted reward with overlong and
+        missing-EOS shaping, each function's rewards (NaN = not applicable), their means, and the
+        rows for completions.jsonl."""
         args = self.args
-        n = args.num_generations
-        completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        prompts = [p for p in batch["prompts"] for _ in range(n)]
-        if isinstance(batch["prompts"][0], list):  # chat data: completions as messages, as TRL passes them
-            completions = [[{"role": "assistant", "content": text}] for text in completions]
-        columns = {key: [v for v in values for _ in range(n)] for key, values in batch["columns"].items()}
-        ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-        result = score_completions(self.reward_funcs, args.reward_weights, prompts, completions, columns,
-                                   completion_ids=ids)
+        prompts, completions, columns, result = score_rollout(rollout, batch, self.tokenizer, self.reward_funcs,
+                                                              args.reward_weights, args.num_generations)
         total = result.total.to(rollout.completion_mask.device)
         metrics = {f"rewards/{name}": mean for name, mean in result.means.items()}
         if args.overlong_penalty_factor > 0:
@@ -156,7 +159,9 @@ class RLTrainer:
                                              args.overlong_penalty_factor).to(total.device)
         if args.missing_eos_penalty:
             total = total - args.missing_eos_penalty * rollout.truncated.float()
-        return total, result.rewards.to(total.device), metrics
+        samples = sample_rows(prompts, completions, columns, result,
+                              {"shaped_reward": total.tolist(), "truncated": rollout.truncated.tolist()})
+        return total, result.rewards.to(total.device), metrics, samples
 
     def generate_and_score(self, batches) -> tuple[Rollout, torch.Tensor, dict]:
         """One rollout of R rows: generate, score, and (dynamic sampling) keep only informative groups,
@@ -175,7 +180,9 @@ class RLTrainer:
                 max_completion_length=args.max_completion_length, eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k)
-            rewards, per_function, reward_metrics = self._score(batch, rollout)
+            rewards, per_function, reward_metrics, samples = self._score(batch, rollout)
+            if generated == 0:
+                self.samples = samples
             rollout.group_ids = rollout.group_ids + generated * self.prompts_per_rollout  # unique per batch
             generated += 1
             lengths = rollout.completion_lengths.float()
@@ -315,7 +322,12 @@ class RLTrainer:
         metrics["tokens_per_second"] = float(rollout.attention_mask.sum()) / elapsed
         return metrics
 
+    def _crosses(self, every: int, before: int) -> bool:
+        """Did the last rollout's updates (steps before+1 .. global_step) reach a multiple of `every`?"""
+        return every > 0 and self.global_step // every > before // every
+
     def train(self):
+        """Train to `max_steps`; returns the log history (train and `eval/` records)."""
         skip = 0
         resume = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir)
         if resume is not None:
@@ -323,20 +335,47 @@ class RLTrainer:
             self.global_step, skip = state["step"], state["batches_consumed"]
             if self.accelerator.is_main_process:
                 print(f"resumed from {resume} at step {self.global_step}")
+        self.logger = RunLogger(self.accelerator, self.args, self.max_steps, self._config, self.global_step)
         batches = self._prompt_batches(skip)
         self.model.train()
         while self.global_step < self.max_steps:
+            before = self.global_step
             metrics = self.step(batches)
-            metrics = {key: self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device), "mean").item()
-                       for key, value in metrics.items()}
-            metrics["step"] = self.global_step
-            self.log_history.append(metrics)
-            if self.accelerator.is_main_process and self.global_step % self.args.logging_steps == 0:
-                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-            if self.args.save_steps > 0 and self.global_step % self.args.save_steps == 0:
+            metrics = {key: self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device),
+                                                    "mean").item() for key, value in metrics.items()}
+            self.logger.log(metrics, self.global_step)
+            if self._crosses(self.args.log_completions_steps, before) and self.accelerator.is_main_process:
+                append_jsonl(Path(self.args.output_dir) / "completions.jsonl",
+                             [{"step": self.global_step, **row} for row in self.samples])
+            if self.eval_dataset is not None and self._crosses(self.args.eval_steps, before):
+                self.evaluate()
+            if self._crosses(self.args.save_steps, before):
                 self.save_checkpoint()
+        if self.eval_dataset is not None and not self._crosses(self.args.eval_steps, self.global_step - 1):
+            self.evaluate()
+        self.logger.close()
         self.save_model(self.args.output_dir)
         return self.log_history
+
+    @property
+    def log_history(self) -> list[dict]:
+        return self.logger.history if self.logger else []
+
+    def evaluate(self, dataset=None) -> dict:
+        """Score one completion per prompt of `dataset` (default: the eval dataset); logs and
+        returns the metrics prefixed `eval/`."""
+        args = self.args
+        dataset = dataset if dataset is not None else self.eval_dataset
+        metrics, _ = evaluate_policy(
+            self.accelerator.unwrap_model(self.model), self.tokenizer, dataset, self.reward_funcs,
+            reward_weights=args.reward_weights, batch_size=args.per_device_eval_batch_size,
+            max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
+            do_sample=args.eval_do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            accelerator=self.accelerator)
+        if self.logger is None:
+            return {f"eval/{key}": value for key, value in metrics.items()}
+        record = self.logger.log(metrics, self.global_step, prefix="eval/")
+        return {key: value for key, value in record.items() if key != "step"}
 
     def save_checkpoint(self):
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
@@ -354,6 +393,7 @@ class RLTrainer:
 
 def run(recipe):
     """`llmrl train` for the online presets: the recipe's data and model through `RLTrainer`."""
-    train_rows, _ = load_datasets(recipe.data, required=PROMPT_COLUMNS)
-    trainer = RLTrainer(recipe.model.model_name_or_path, recipe.args, train_rows, model_config=recipe.model)
+    train_rows, eval_rows = load_datasets(recipe.data, required=PROMPT_COLUMNS)
+    trainer = RLTrainer(recipe.model.model_name_or_path, recipe.args, train_rows, model_config=recipe.model,
+                        eval_dataset=eval_rows, config=recipe.to_dict())
     return trainer.train()

@@ -72,7 +72,7 @@ class RunLogger:
 
     def log(self, metrics: dict, step: int, prefix: str = "") -> dict:
         """Record `metrics` (prefixed) at `step`; returns the record."""
-        record = {f"{prefix}{key}": _rounded(value) for key, value in metrics.items()}
+        record = {f"{prefix}{key}": value for key, value in metrics.items()}
         record["step"] = step
         self.history.append(record)
         if not self.accelerator.is_main_process:
@@ -82,7 +82,7 @@ class RunLogger:
             shown = {k: f"{record[k]:.4g}" for k in ("loss", "reward", "accuracy") if isinstance(record.get(k), float)}
             self.bar.set_postfix(shown, refresh=False)
         if prefix or step % max(1, self.args.logging_steps) == 0 or step >= self.total_steps:
-            tqdm.write(json.dumps(record))
+            tqdm.write(json.dumps({key: _rounded(value) for key, value in record.items()}))
         if self.accelerator.log_with:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         return record
