@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_recipe": "llmrl.recipe",
     "train": "llmrl.trainers",
     "RLTrainer": "llmrl.trainers.online",
+    "DPOTrainer": "llmrl.trainers.dpo",
 }
 
 __all__ = sorted(_EXPORTS)

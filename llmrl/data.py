@@ -1,4 +1,4 @@
-"""Datasets in TRL's formats: loading, column checks, chat templates, prompt batches.
+"""Datasets in TRL's formats: loading, column checks, chat templates, prompt batches, preference pairs.
 
 Rows are prompt-only (`prompt` plus any extra columns, which reward functions receive) or
 preference rows (`prompt`, `chosen`, `rejected`). Each field is a plain string or a list of chat
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from trl.data_utils import maybe_apply_chat_template
+from trl.data_utils import common_prefix_length, is_conversational, maybe_apply_chat_template, maybe_extract_prompt
 
 from llmrl.config import DataConfig
 
@@ -113,6 +113,63 @@ def render_preference(row: dict, tokenizer) -> dict[str, str]:
     return maybe_apply_chat_template({k: row[k] for k in PREFERENCE_COLUMNS}, tokenizer)
 
 
+def encode_preference(row: dict, tokenizer, max_prompt_length: int | None = None,
+                      max_length: int | None = None) -> dict[str, list[int]]:
+    """`prompt_ids`, `chosen_ids`, `rejected_ids` of one preference row, tokenized as TRL's DPOTrainer does.
+
+    Chat messages go through the chat template (which writes any BOS and end-of-turn tokens); plain
+    strings get the tokenizer's special tokens and EOS after each answer, so the model learns to stop.
+    Each answer is tokenized together with its prompt and starts where those tokens leave the
+    prompt's own (a merge across the boundary moves the start left): the model is trained on the
+    tokens it reads at inference, not on a boundary that tokenizing apart would invent.
+
+    Truncation: the prompt keeps its last `max_prompt_length` tokens, then each answer its first
+    `max_length - len(prompt)` tokens. With a prompt that fits, this is TRL's `keep_start`.
+    """
+    conversational = is_conversational(row)
+    text = render_preference(row, tokenizer)
+    if not conversational:
+        text = {key: value if key == "prompt" or value.endswith(tokenizer.eos_token) else value + tokenizer.eos_token
+                for key, value in text.items()}
+    special = not conversational  # the chat template already wrote any BOS
+
+    def encode(string):
+        return tokenizer(string, add_special_tokens=special)["input_ids"]
+
+    prompt = encode(text["prompt"])
+    chosen, rejected = encode(text["prompt"] + text["chosen"]), encode(text["prompt"] + text["rejected"])
+    start = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
+    prompt = prompt[:start][-max_prompt_length:] if max_prompt_length else prompt[:start]
+    room = max_length - len(prompt) if max_length else None
+    return {"prompt_ids": prompt, "chosen_ids": chosen[start:][:room], "rejected_ids": rejected[start:][:room]}
+
+
+def tokenize_preferences(rows, tokenizer, source: str, max_prompt_length: int | None = None,
+                         max_length: int | None = None):
+    """Preference rows -> a dataset of `prompt_ids`, `chosen_ids`, `rejected_ids` (`encode_preference`).
+
+    Rows without a `prompt` column may hold whole conversations in chosen/rejected: their shared
+    first messages are the prompt (TRL's implicit-prompt format). Missing columns and empty answers
+    are errors that name `source`, the column and the row.
+    """
+    require_columns(rows, ("chosen", "rejected"), source)
+    implicit = "prompt" not in rows.column_names and is_conversational({"chosen": rows[0]["chosen"]})
+    if not implicit:
+        require_columns(rows, PREFERENCE_COLUMNS, source)
+
+    def encode(row, index):
+        row = maybe_extract_prompt(row)
+        for column in PREFERENCE_COLUMNS:
+            if _is_empty(row[column]):
+                raise DataError(
+                    f"Dataset {source!r}, row {index}: {column!r} is empty once the messages shared by chosen and "
+                    f"rejected are taken as the prompt. Give both answers after the shared prompt, or a 'prompt' column."
+                )
+        return encode_preference(row, tokenizer, max_prompt_length, max_length)
+
+    return rows.map(encode, with_indices=True, remove_columns=rows.column_names, desc=f"Tokenizing {source}")
+
+
 def encode_prompts(prompts: list, tokenizer, max_prompt_length: int) -> list[list[int]]:
     """Token ids of rendered prompts, left-truncated to the last `max_prompt_length` tokens (the end
     of a prompt, where the question and the generation prompt are, matters most)."""
@@ -148,3 +205,29 @@ class PromptCollator:
         input_ids, attention_mask = pad(ids, self.tokenizer.pad_token_id, side="left")
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         return {"prompts": prompts, "input_ids": input_ids, "attention_mask": attention_mask, "columns": columns}
+
+
+class PreferenceCollator:
+    """Collates tokenized pairs (`tokenize_preferences`) into one batch of 2B sequences, the B
+    chosen first, then the B rejected, so both answers go through the model in one forward pass.
+
+    Sequences are `prompt + answer`, left-padded, so every answer ends in the last column:
+    `answer_mask` [2B, C] marks each answer's tokens in the last C columns (C = the longest
+    answer), which is what `llmrl.logprobs.completion_logprobs` reads. Columns
+    `ref_chosen_logps` and `ref_rejected_logps` (precomputed reference log-probs) become
+    `ref_logps` [2B], in the same chosen-then-rejected order.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        answers = [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows]
+        prompts = [row["prompt_ids"] for row in rows] * 2
+        input_ids, attention_mask = pad([p + a for p, a in zip(prompts, answers)], self.pad_token_id, side="left")
+        _, answer_mask = pad(answers, self.pad_token_id, side="left")
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask}
+        if "ref_chosen_logps" in rows[0]:
+            batch["ref_logps"] = torch.tensor([row["ref_chosen_logps"] for row in rows]
+                                              + [row["ref_rejected_logps"] for row in rows], dtype=torch.float32)
+        return batch

@@ -20,6 +20,12 @@ class DPOConfig(TrainConfig):
     )
     max_prompt_length: int = field(default=512, metadata=_help("Prompts longer than this keep their last tokens."))
     max_length: int = field(default=1024, metadata=_help("Most tokens of prompt + answer; answers are cut at the end."))
+    average_log_prob: bool | None = field(
+        default=None,
+        metadata=_help("Average each answer's log-probs over its tokens in the loss instead of summing them (IPO's "
+                       "length normalisation, as TRL and the IPO authors use it); None = on for ipo only. The logged "
+                       "rewards stay on summed log-probs."),
+    )
 
     def __post_init__(self):
         from llmrl.algos import PREFERENCE_LOSSES
@@ -29,6 +35,11 @@ class DPOConfig(TrainConfig):
             raise ValueError(f"beta must be > 0 for DPO, got {self.beta}.")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} must be positive and below max_length="
+                             f"{self.max_length}, so that every answer keeps at least one token after its prompt.")
+        if self.average_log_prob is None:
+            self.average_log_prob = self.loss_type == "ipo"
         super().__post_init__()
 
 

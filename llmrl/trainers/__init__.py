@@ -6,7 +6,6 @@ from llmrl.config import ALGORITHMS, DPOConfig, RewardConfig, RLConfig, SFTConfi
 
 # Config class -> (trainer kind, the issue that builds it). A kind with no runner yet says so.
 _KINDS = {
-    DPOConfig: ("DPO", "#6 (offline trainers)"),
     RewardConfig: ("reward model", "#5 (reward-model training)"),
     SFTConfig: ("SFT", "#6 (offline trainers)"),
 }
@@ -18,7 +17,13 @@ def _run_online(recipe):
     return run(recipe)
 
 
-RUNNERS: dict[type, object] = {RLConfig: _run_online}
+def _run_dpo(recipe):
+    from llmrl.trainers.dpo import run
+
+    return run(recipe)
+
+
+RUNNERS: dict[type, object] = {RLConfig: _run_online, DPOConfig: _run_dpo}
 
 
 def train(recipe):

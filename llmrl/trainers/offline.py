@@ -1,0 +1,174 @@
+"""The loop every offline trainer shares: examples from a dataset, AdamW on a schedule, gradient
+accumulation, evaluation, checkpoints and resume. A subclass (DPO; the reward model can follow)
+brings the model, the collated batches and `compute_loss`, which returns one loss per example.
+
+    for each step: gradient_accumulation_steps micro-batches -> per-example losses
+        -> their sum / (examples in the whole step, over every process) -> backward
+        -> clip, optimizer step, schedule -> log the step's means -> [evaluate] -> [checkpoint]
+
+Dividing by the step's example count, not by each micro-batch's, makes the update the mean over
+the step's examples however they are split into micro-batches and processes. Training batches are
+always full (drop_last), so that count is per_device_train_batch_size x accumulation x processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from llmrl.trainers.tracking import RunLogger
+
+
+class OfflineTrainer:
+    """Trains `model` on `train_dataset` (already tokenized) with the loss of `compute_loss`.
+
+    Subclasses build the accelerator, model and datasets, then call this `__init__`, and define
+    `compute_loss(model, batch) -> (per_example_loss [B], {metric name: [B] tensor})`.
+    """
+
+    def __init__(self, args, model, tokenizer, train_dataset, eval_dataset, collate_fn, accelerator,
+                 config: dict | None = None):
+        self.args, self.tokenizer, self.accelerator = args, tokenizer, accelerator
+        self.collate_fn = collate_fn
+        self.eval_dataset = eval_dataset
+        size, processes = args.per_device_train_batch_size, accelerator.num_processes
+        if len(train_dataset) < size * processes:
+            raise ValueError(f"train_dataset has {len(train_dataset)} examples, fewer than one micro-batch per process "
+                             f"({size} x {processes} processes); lower per_device_train_batch_size.")
+        # The generator alone orders the data: a resumed run replays it to stand where it stood.
+        generator = torch.Generator().manual_seed(args.seed)
+        loader = DataLoader(train_dataset, batch_size=size, shuffle=True, drop_last=True, generator=generator,
+                            collate_fn=collate_fn)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                      weight_decay=args.weight_decay)
+        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        self.examples_per_step = size * args.gradient_accumulation_steps * processes
+        self.max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
+            args.num_train_epochs * len(self.loader) / args.gradient_accumulation_steps)
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
+        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.max_steps)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self._config = config if config is not None else vars(args)
+        self.logger: RunLogger | None = None
+        self.global_step = 0
+        self.batches_consumed = 0  # micro-batches drawn so far: the data position a resume restores
+
+    def compute_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _batches(self, skip: int = 0):
+        """Micro-batches without end (each pass reshuffles), after replaying the first `skip`."""
+        drawn = 0
+        while True:
+            for batch in self.loader:
+                drawn += 1
+                if drawn > skip:
+                    self.batches_consumed = drawn
+                    yield batch
+
+    def _means(self, per_example: dict[str, list[torch.Tensor]], gather) -> dict[str, float]:
+        """Each metric's mean over the examples of every process."""
+        return {key: gather(torch.cat(values)).float().mean().item() for key, values in per_example.items()}
+
+    def training_step(self, batches) -> dict:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns its metrics."""
+        args, start = self.args, time.perf_counter()
+        accum = args.gradient_accumulation_steps
+        per_example: dict[str, list[torch.Tensor]] = {}
+        for k in range(accum):
+            batch = next(batches)
+            # DDP averages gradients over processes; each loss is a share of the whole step's sum,
+            # so scaling by the process count makes the average that sum.
+            with self.accelerator.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext():
+                losses, metrics = self.compute_loss(self.model, batch)
+                self.accelerator.backward(losses.sum() / self.examples_per_step * self.accelerator.num_processes)
+            for key, value in {"loss": losses.detach(), **metrics}.items():
+                per_example.setdefault(key, []).append(value)
+        max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure, do not clip
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return {**self._means(per_example, self.accelerator.gather), "learning_rate": learning_rate,
+                "grad_norm": float(grad_norm), "step_time": time.perf_counter() - start}
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.global_step % every == 0
+
+    def train(self) -> list[dict]:
+        """Train to `max_steps`; returns the log history (train and `eval/` records)."""
+        args, skip = self.args, 0
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        if resume is not None:
+            state = load_checkpoint(self.accelerator, resume)
+            self.global_step, skip = state["step"], state["batches_consumed"]
+            if self.accelerator.is_main_process:
+                print(f"resumed from {resume} at step {self.global_step}")
+        self.logger = RunLogger(self.accelerator, args, self.max_steps, self._config, self.global_step)
+        batches = self._batches(skip)
+        self.model.train()
+        while self.global_step < self.max_steps:
+            self.logger.log(self.training_step(batches), self.global_step)
+            if self.eval_dataset is not None and self._due(args.eval_steps):
+                self.evaluate()
+            if self._due(args.save_steps):
+                self.save_checkpoint()
+        if self.eval_dataset is not None and not self._due(args.eval_steps):
+            self.evaluate()
+        self.logger.close()
+        self.save_model(args.output_dir)
+        return self.log_history
+
+    @property
+    def log_history(self) -> list[dict]:
+        return self.logger.history if self.logger else []
+
+    def ordered_loader(self, dataset, batch_size: int):
+        """`dataset` in order, split over the processes; `gather_for_metrics` on what each batch
+        gives returns it in dataset order, without the rows padded in to even out the processes."""
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn)
+        return self.accelerator.prepare_data_loader(loader)
+
+    @torch.no_grad()
+    def evaluate(self, dataset=None) -> dict:
+        """The metrics of `compute_loss` over `dataset` (default: the eval dataset), means over every
+        example, prefixed `eval/`; logged when called during training."""
+        dataset = dataset if dataset is not None else self.eval_dataset
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        per_example: dict[str, list[torch.Tensor]] = {}
+        for batch in self.ordered_loader(dataset, self.args.per_device_eval_batch_size):
+            losses, metrics = self.compute_loss(model, batch)
+            for key, value in {"loss": losses, **metrics}.items():
+                per_example.setdefault(key, []).append(self.accelerator.gather_for_metrics(value))
+        model.train(was_training)
+        metrics = self._means(per_example, gather=lambda x: x)
+        if self.logger is None:
+            return {f"eval/{key}": value for key, value in metrics.items()}
+        record = self.logger.log(metrics, self.global_step, prefix="eval/")
+        return {key: value for key, value in record.items() if key != "step"}
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
+                               {"batches_consumed": self.batches_consumed},
+                               self.accelerator.unwrap_model(self.model), self.tokenizer, self.args.save_total_limit)
+
+    def save_model(self, output_dir: str):
+        """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            self.tokenizer.save_pretrained(output_dir)
