@@ -24,6 +24,8 @@ _EXPORTS = {
     "train": "llmrl.trainers",
     "RLTrainer": "llmrl.trainers.online",
     "DPOTrainer": "llmrl.trainers.dpo",
+    "SFTTrainer": "llmrl.trainers.sft",
+    "RewardTrainer": "llmrl.trainers.reward",
 }
 
 __all__ = sorted(_EXPORTS)

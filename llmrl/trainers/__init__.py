@@ -5,10 +5,7 @@ from __future__ import annotations
 from llmrl.config import ALGORITHMS, DPOConfig, RewardConfig, RLConfig, SFTConfig
 
 # Config class -> (trainer kind, the issue that builds it). A kind with no runner yet says so.
-_KINDS = {
-    RewardConfig: ("reward model", "#5 (reward-model training)"),
-    SFTConfig: ("SFT", "#6 (offline trainers)"),
-}
+_KINDS: dict[type, tuple[str, str]] = {}
 
 
 def _run_online(recipe):
@@ -23,7 +20,20 @@ def _run_dpo(recipe):
     return run(recipe)
 
 
-RUNNERS: dict[type, object] = {RLConfig: _run_online, DPOConfig: _run_dpo}
+def _run_sft(recipe):
+    from llmrl.trainers.sft import run
+
+    return run(recipe)
+
+
+def _run_reward(recipe):
+    from llmrl.trainers.reward import run
+
+    return run(recipe)
+
+
+RUNNERS: dict[type, object] = {RLConfig: _run_online, DPOConfig: _run_dpo, SFTConfig: _run_sft,
+                               RewardConfig: _run_reward}
 
 
 def train(recipe):

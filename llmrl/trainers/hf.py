@@ -1,0 +1,108 @@
+"""What the trainers built on `transformers.Trainer` (through TRL's SFT and reward trainers) share:
+one mapping from llmrl's `TrainConfig` to `TrainingArguments`, and the run around `Trainer.train`.
+
+    hf_args = training_arguments(args, model_config, trl.SFTConfig, max_length=512)
+
+`HFRunMixin.train()` gives these trainers the same life as `RLTrainer.train()`: resume from
+`resume_from_checkpoint` ('true' = the newest `checkpoint-<step>` in output_dir, or a path), a
+final evaluation when the last step did not evaluate, the final model as a plain `save_pretrained`
+folder (model or adapter, plus tokenizer) in output_dir, and the log history as the return value.
+Checkpoints are the Trainer's own `checkpoint-<step>` folders (model or adapter, tokenizer,
+optimizer, scheduler, RNG states, trainer_state.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from llmrl.config import ModelConfig, TrainConfig
+from llmrl.models import resolve_dtype
+from llmrl.trainers.checkpoint import resolve_resume
+from llmrl.trainers.tracking import logging_dir, tracker_names
+
+
+def training_arguments(args: TrainConfig, model_config: ModelConfig, hf_class, *, has_eval_data: bool = False,
+                       **fields):
+    """`hf_class` (`TrainingArguments` or a TRL config such as `trl.SFTConfig`) holding `args`'s
+    optimisation, batching, logging and checkpoint settings; `fields` are the trainer's own
+    (max_length, packing, ...). Without eval data, `eval_steps` is ignored (as in `RLTrainer`).
+
+    Precision follows the model: bf16 autocast when the weights load as bfloat16 on a CUDA GPU,
+    float32 otherwise; without CUDA the run is forced onto the CPU (`use_cpu`), where there is no
+    bf16 autocast. `eval_steps: 0` and `save_steps: 0` turn periodic evaluation and checkpoints off
+    (`HFRunMixin.train` evaluates once at the end and always saves the final model).
+    """
+    on_gpu = torch.cuda.is_available()
+    # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (old name deprecated).
+    renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(hf_class)}
+    checkpointing = "activation_checkpointing" if renamed else "gradient_checkpointing"
+    eval_steps = args.eval_steps if has_eval_data else 0
+    return hf_class(
+        output_dir=args.output_dir,
+        run_name=args.run_name,
+        seed=args.seed,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
+        # transformers 5 reads a float below 1 as a ratio of the total steps.
+        warmup_steps=args.warmup_steps if args.warmup_steps > 0 else args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_epsilon=args.adam_epsilon,
+        max_grad_norm=args.max_grad_norm,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if eval_steps > 0 else "no",
+        eval_steps=eval_steps if eval_steps > 0 else None,
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=args.save_steps if args.save_steps > 0 else 500,
+        save_total_limit=args.save_total_limit,
+        report_to=tracker_names(args.report_to) or "none",
+        disable_tqdm=args.disable_tqdm,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and resolve_dtype(model_config.dtype) == torch.bfloat16,
+        fp16=False,
+        **{checkpointing: model_config.gradient_checkpointing,
+           # The reentrant variant breaks with frozen inputs (LoRA) and DDP; models.load_policy agrees.
+           f"{checkpointing}_kwargs": {"use_reentrant": False}},
+        **fields,
+    )
+
+
+class HFRunMixin:
+    """Put before a `transformers.Trainer` subclass: `train()` resumes, evaluates, saves, returns
+    the log history. The subclass sets `self.train_config` (the llmrl config) in its `__init__`
+    and calls `self._use_logging_dir()` after the Trainer's."""
+
+    train_config: TrainConfig
+
+    def _use_logging_dir(self) -> None:
+        """Point the tensorboard callback at llmrl's `logging_dir` (default output_dir/runs);
+        transformers 5 reads it only from an environment variable."""
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback):
+                callback.logging_dir = logging_dir(self.train_config)
+
+    def train(self, resume_from_checkpoint=None, **kwargs) -> list[dict]:
+        """Train; returns `trainer.state.log_history` (train records, then `eval_*` records).
+
+        `resume_from_checkpoint` None means "as the config says"; True or a path as in
+        `transformers.Trainer.train`.
+        """
+        if resume_from_checkpoint is None:
+            resume = resolve_resume(self.train_config.resume_from_checkpoint, self.args.output_dir)
+            resume_from_checkpoint = str(resume) if resume is not None else None
+        super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        evaluated_last_step = self.args.eval_strategy == "steps" and self.state.global_step % self.args.eval_steps == 0
+        if self.eval_dataset is not None and not evaluated_last_step:
+            self.evaluate()
+        self.save_model(self.args.output_dir)  # the model (or adapter) and the tokenizer
+        return self.state.log_history
