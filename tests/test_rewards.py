@@ -76,7 +76,7 @@ def test_extract_answer_rejects_unknown_mode():
         ("The answer is 5.", "5", 1.0),
         ("It costs $5", "5", 1.0),
         ("\\boxed{5}", "5", 1.0),
-        ("5", "\\boxed{5}", 0.0),  # the reference is read as given, not extracted
+        ("5", "2 + 3 = 5, so \\boxed{5}", 1.0),  # a MATH-style solution: its last \\boxed{} is the answer
         ("I think 3, but \\boxed{4}", "3", 0.0),  # the boxed answer wins over the last number
         ("<answer>5 apples</answer>", "5", 1.0),
         ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),

@@ -7,27 +7,41 @@ convention, so TRL's and open-r1's functions work here and ours work in TRL): ``
 of N, plus ``completion_ids`` and ``trainer_state``, which a function may ignore via ``**kwargs``.
 ``None`` means "not applicable to this row" (e.g. a row with no reference answer).
 
-- :mod:`.answers`: completion text, final-answer extraction and matching (pure string functions).
-- :mod:`.builtins`: ``REWARD_FUNCTIONS`` (accuracy, format, format_soft, length), the
-  ``make_*_reward`` factories for configured variants, and ``resolve_reward_funcs`` for recipe
-  entries (built-in names, ``package.module:function``, callables).
+- :mod:`.answers`: completion text, final-answer extraction and matching (numbers here, LaTeX by
+  the optional math-verify: ``pip install 'llmrl[math]'``).
+- :mod:`.reasoning`: the ``make_*_reward`` factories of the reasoning rewards: accuracy, the
+  ``<think>``/``<answer>`` format family (format_strict, format_soft, xml_count, integer_answer)
+  and shaping (cosine_length, repetition_penalty).
+- :mod:`.builtins`: ``REWARD_FUNCTIONS`` (each reward above with its defaults, plus ``format``, the
+  first name of format_strict, and ``length``), and ``resolve_reward_funcs`` for recipe entries
+  (built-in names, ``package.module:function``, callables).
 - :mod:`.scoring`: ``score_completions`` (call, check, weight, sum) and ``overlong_penalty`` (DAPO).
 """
 
 from .answers import (
     ANSWER_MODES,
+    PERCENT_MODES,
     answers_match,
     completion_text,
     extract_answer,
     parse_number,
+    reference_answer,
+    symbolic_equal,
 )
 from .builtins import (
     REWARD_FUNCTIONS,
-    make_accuracy_reward,
-    make_format_reward,
     make_length_reward,
     resolve_reward_func,
     resolve_reward_funcs,
+)
+from .reasoning import (
+    REASONING_SYSTEM_PROMPT,
+    make_accuracy_reward,
+    make_cosine_length_reward,
+    make_format_reward,
+    make_integer_answer_reward,
+    make_repetition_penalty_reward,
+    make_xml_count_reward,
 )
 from .scoring import (
     RewardFunctionError,
@@ -39,6 +53,8 @@ from .scoring import (
 
 __all__ = [
     "ANSWER_MODES",
+    "PERCENT_MODES",
+    "REASONING_SYSTEM_PROMPT",
     "REWARD_FUNCTIONS",
     "RewardFunctionError",
     "RewardResult",
@@ -46,12 +62,18 @@ __all__ = [
     "completion_text",
     "extract_answer",
     "make_accuracy_reward",
+    "make_cosine_length_reward",
     "make_format_reward",
+    "make_integer_answer_reward",
     "make_length_reward",
+    "make_repetition_penalty_reward",
+    "make_xml_count_reward",
     "overlong_penalty",
     "parse_number",
+    "reference_answer",
     "resolve_reward_func",
     "resolve_reward_funcs",
     "score_completions",
+    "symbolic_equal",
     "weighted_total",
 ]

@@ -1,85 +1,33 @@
-"""The built-in reward functions, their factories, and the resolution of recipe entries to functions.
+"""The registry of built-in reward functions, and the resolution of recipe entries to functions.
 
-Every function here has TRL's signature ``fn(prompts, completions, **kwargs) -> list[float | None]``
-and reads completions through :func:`completion_text`, so strings and chat messages both work.
+Every built-in has TRL's signature ``fn(prompts, completions, **kwargs) -> list[float | None]``
+and reads completions through :func:`completion_text`, so strings and chat messages both work. The
+reasoning rewards' factories live in :mod:`.reasoning`; the plain length reward lives here.
 """
 
 from __future__ import annotations
 
 import importlib
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from llmrl.config import closest_name
 
-from .answers import ANSWER_MODES, answers_match, completion_text, extract_answer
-
-RewardFunc = Callable[..., list]
-
-# Keywords TRL (and score_completions) pass besides the dataset's columns.
-NOT_COLUMNS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+from .answers import completion_text
+from .reasoning import (
+    RewardFunc,
+    make_accuracy_reward,
+    make_cosine_length_reward,
+    make_format_reward,
+    make_integer_answer_reward,
+    make_repetition_penalty_reward,
+    make_xml_count_reward,
+)
 
 
 def _named(fn: RewardFunc, name: str) -> RewardFunc:
     # TRL logs a function under its __name__, so a factory's product carries its registry name.
     fn.__name__ = fn.__qualname__ = name
     return fn
-
-
-def make_accuracy_reward(answer_column: str = "answer", mode: str = "auto", answer_tag: str = "answer") -> RewardFunc:
-    """1.0 when the completion's final answer equals the row's `answer_column`, else 0.0.
-
-    ``make_accuracy_reward("solution")(["x"], ["\\boxed{5}"], solution=["5"]) == [1.0]``. The answer
-    is found by :func:`extract_answer` (`mode`) and compared by :func:`answers_match`. A row whose
-    reference is None gets None (not applicable); a batch without the column is an error.
-    """
-    if mode not in ANSWER_MODES:
-        raise ValueError(f"make_accuracy_reward mode {mode!r} is not valid; choose one of {list(ANSWER_MODES)}.")
-
-    def accuracy(prompts, completions, **columns) -> list[float | None]:
-        if answer_column not in columns:
-            passed = sorted(key for key in columns if key not in NOT_COLUMNS)
-            raise ValueError(
-                f"the accuracy reward needs the dataset column {answer_column!r} (the reference answers), but "
-                f"the batch has only the columns {passed}. Add the column to the dataset, or build the reward "
-                "with make_accuracy_reward(answer_column=...) naming the column that holds the answers."
-            )
-        return [
-            None if reference is None
-            else float(answers_match(extract_answer(completion_text(c), mode, answer_tag), reference))
-            for c, reference in zip(completions, columns[answer_column])
-        ]
-
-    return accuracy
-
-
-def make_format_reward(
-    pattern: str | None = None, strict: bool = True, think_tag: str = "think", answer_tag: str = "answer"
-) -> RewardFunc:
-    """1.0 when the completion has the reasoning/answer tag structure, else 0.0.
-
-    ``make_format_reward()(["q"], ["<think>\\nhm\\n</think>\\n<answer>\\n4\\n</answer>"]) == [1.0]``.
-    Strict: the whole completion (trailing whitespace allowed) is ``<think>\\n...\\n</think>\\n<answer>
-    \\n...\\n</answer>``, no tag repeated inside (re.fullmatch, DOTALL). Soft: the two tag pairs appear
-    in that order anywhere (re.search, DOTALL). A custom regex `pattern` replaces the default.
-    """
-    think, answer = re.escape(think_tag), re.escape(answer_tag)
-    if pattern is None and strict:
-        # A tempered body: repeating a tag inside the structure must not pass as the structure.
-        body = rf"(?:(?!</?(?:{think}|{answer})>).)*"
-        pattern = rf"<{think}>\n{body}\n</{think}>\n<{answer}>\n{body}\n</{answer}>\s*"
-    elif pattern is None:
-        pattern = rf"<{think}>.*?</{think}>.*?<{answer}>.*?</{answer}>"
-    try:
-        regex = re.compile(pattern, flags=re.DOTALL)
-    except re.error as err:
-        raise ValueError(f"make_format_reward pattern {pattern!r} is not a valid regex: {err}.") from err
-    match = regex.fullmatch if strict else regex.search
-
-    def format_reward(prompts, completions, **kwargs) -> list[float]:
-        return [float(match(completion_text(c)) is not None) for c in completions]
-
-    return format_reward
 
 
 def make_length_reward(target: int | None = None) -> RewardFunc:
@@ -102,11 +50,21 @@ def make_length_reward(target: int | None = None) -> RewardFunc:
     return length
 
 
+# Each built-in with its factory's defaults; a configured variant comes from the factory (see
+# reasoning.py), e.g. in a module of your own named in the recipe as 'my_rewards:accuracy_percent'.
 REWARD_FUNCTIONS: dict[str, RewardFunc] = {
-    "accuracy": _named(make_accuracy_reward(), "accuracy"),
-    "format": _named(make_format_reward(), "format"),
-    "format_soft": _named(make_format_reward(strict=False), "format_soft"),
-    "length": _named(make_length_reward(), "length"),
+    name: _named(fn, name)
+    for name, fn in {
+        "accuracy": make_accuracy_reward(),
+        "format": make_format_reward(),  # the first name of format_strict, kept for existing recipes
+        "format_strict": make_format_reward(),
+        "format_soft": make_format_reward(strict=False),
+        "xml_count": make_xml_count_reward(),
+        "integer_answer": make_integer_answer_reward(),
+        "cosine_length": make_cosine_length_reward(),
+        "repetition_penalty": make_repetition_penalty_reward(),
+        "length": make_length_reward(),
+    }.items()
 }
 
 
