@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 LLMRL = Path(sys.executable).with_name("llmrl")
@@ -64,22 +63,22 @@ def test_unknown_command():
     assert result.returncode == 2 and "unknown command 'trian'" in result.stderr
 
 
-def _algorithms_without_trainer():
+def test_every_algorithm_has_a_trainer():
     from llmrl.config import ALGORITHMS
     from llmrl.trainers import RUNNERS
 
-    # one algorithm per trainer config that has no runner yet
-    return list({cls: name for name, cls in ALGORITHMS.items() if cls not in RUNNERS}.values())
+    missing = sorted(name for name, cls in ALGORITHMS.items() if cls not in RUNNERS)
+    assert not missing, f"algorithms with no trainer: {missing}"
 
 
-@pytest.mark.parametrize("algorithm", _algorithms_without_trainer())
-def test_train_dispatches_on_algorithm(tmp_path, algorithm):
-    """Until a trainer lands, its algorithm resolves and then says plainly that it is not built yet."""
+def test_a_dataset_without_the_needed_column_is_one_clear_line(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "Q: ", "answer": "A"}\n')
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"algorithm: {algorithm}\nmodel_name_or_path: m\noutput_dir: {tmp_path / 'out'}\n")
+    recipe.write_text(f"algorithm: sft\nmodel_name_or_path: m\ndataset_name: {data}\noutput_dir: {tmp_path / 'out'}\n")
     result = run("train", str(recipe))
-    assert result.returncode == 3 and "not implemented yet" in result.stderr
-    assert not (tmp_path / "out").exists(), "a run that cannot start must not leave an output folder"
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"Dataset '{data}' has no column 'completion'" in result.stderr and "Rename" in result.stderr
 
 
 def test_runs_under_accelerate_launch(tmp_path):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from llmrl.config import ALGORITHMS, DPOConfig, RewardConfig, RLConfig, SFTConfig
 
-# Config class -> (trainer kind, the issue that builds it). A kind with no runner yet says so.
-_KINDS: dict[type, tuple[str, str]] = {}
-
 
 def _run_online(recipe):
     from llmrl.trainers.online import run
@@ -40,14 +37,7 @@ def train(recipe):
     """Run the trainer that `recipe.args.algorithm` selects; print and save the resolved config first."""
     from llmrl.trainers.common import process_state
 
-    config_class = ALGORITHMS[recipe.args.algorithm]
-    runner = RUNNERS.get(config_class)
-    if runner is None:
-        kind, issue = _KINDS[config_class]
-        raise NotImplementedError(
-            f"algorithm {recipe.args.algorithm!r} resolved, but the {kind} trainer is not implemented yet "
-            f"(it arrives with issue {issue}). `llmrl train RECIPE --print_config` shows the resolved settings."
-        )
+    runner = RUNNERS[ALGORITHMS[recipe.args.algorithm]]
     if process_state().is_main_process:
         print(f"Resolved config ({recipe.source or 'from code'}):\n{recipe.to_yaml()}")
         recipe.save()
