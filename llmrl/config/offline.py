@@ -49,7 +49,11 @@ class RewardConfig(TrainConfig):
 
     algorithm: str = field(default="reward_model", metadata=_help("Always 'reward_model' for this trainer."))
     learning_rate: float = field(default=1e-5, metadata=_help("Peak learning rate of AdamW."))
-    max_length: int = field(default=1024, metadata=_help("Most tokens of prompt + answer; answers are cut at the end."))
+    max_length: int = field(
+        default=1024,
+        metadata=_help("Most tokens of prompt + answer; a pair whose chosen or rejected side is longer is dropped "
+                       "(a cut answer would be scored at a token that is not its end)."),
+    )
     center_rewards_coefficient: float | None = field(
         default=None, metadata=_help("Weight of the penalty (r_c + r_r)^2 that keeps rewards centred at 0.")
     )
@@ -61,7 +65,13 @@ class SFTConfig(TrainConfig):
 
     algorithm: str = field(default="sft", metadata=_help("Always 'sft' for this trainer."))
     learning_rate: float = field(default=2e-5, metadata=_help("Peak learning rate of AdamW."))
-    max_length: int = field(default=1024, metadata=_help("Most tokens per example."))
-    completion_only_loss: bool = field(default=True, metadata=_help("Loss on completion (assistant) tokens only."))
-    packing: bool = field(default=False, metadata=_help("Pack several examples into one sequence."))
+    max_length: int = field(default=1024, metadata=_help("Most tokens per example (longer ones keep their start); "
+                                                         "with packing, the length of a packed row."))
+    completion_only_loss: bool = field(
+        default=True,
+        metadata=_help("Loss on the completion of prompt/completion rows and on the assistant turns of 'messages' "
+                       "rows only; plain 'text' rows train on every token."),
+    )
+    packing: bool = field(default=False, metadata=_help("Pack several examples into one row of max_length tokens "
+                                                        "(each still attends only to itself)."))
     neftune_noise_alpha: float | None = field(default=None, metadata=_help("NEFTune embedding noise; None = off."))
