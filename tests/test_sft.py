@@ -229,12 +229,14 @@ def test_llmrl_train_runs_an_sft_recipe(tiny_model_dir, tmp_path):
     recipe_file.write_text(yaml.safe_dump({
         "algorithm": "sft", "model_name_or_path": tiny_model_dir, "dataset_name": str(train_file),
         "eval_dataset_name": str(eval_file), "max_steps": 2, "per_device_train_batch_size": 8,
-        "learning_rate": 1e-3, "save_steps": 0, "output_dir": str(tmp_path / "out"), "disable_tqdm": True}))
+        "learning_rate": 1e-3, "save_steps": 0, "output_dir": str(tmp_path / "out"), "disable_tqdm": True,
+        "report_to": ["tensorboard"]}))
     history = train(load_recipe(recipe_file))
     out = tmp_path / "out"
     assert (out / "config.yaml").exists() and (out / "model.safetensors").exists()
     assert not list(out.glob("checkpoint-*")), "save_steps: 0 writes only the final model"
     assert "eval_loss" in history[-1], "with eval_steps: 0 the run evaluates once, at the end"
+    assert list((out / "runs").glob("events.out.tfevents.*")), "tensorboard logs go to logging_dir (output_dir/runs)"
 
 
 def test_gpu_recipe_reaches_the_trainer():
