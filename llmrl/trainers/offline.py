@@ -37,7 +37,7 @@ class OfflineTrainer:
                  config: dict | None = None):
         self.args, self.tokenizer, self.accelerator = args, tokenizer, accelerator
         self.collate_fn = collate_fn
-        self.eval_dataset = eval_dataset
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         size, processes = args.per_device_train_batch_size, accelerator.num_processes
         if len(train_dataset) < size * processes:
             raise ValueError(f"train_dataset has {len(train_dataset)} examples, fewer than one micro-batch per process "

@@ -1,0 +1,288 @@
+"""The DPO trainer on a real tiny model: TRL's numbers, learning, the LoRA and precomputed
+references, resume, gradient invariance, bad input and the recipe path."""
+
+import copy
+import json
+import random
+
+import datasets
+import pytest
+import torch
+import yaml
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmrl import DPOConfig, DPOTrainer
+from llmrl.data import DataError
+from llmrl.models import ReferenceModel
+from llmrl.recipe import load_recipe
+from llmrl.trainers import train
+from llmrl.trainers.dpo import answer_logps
+
+PLAIN = [{"prompt": "2+2=", "chosen": "4", "rejected": "five"},
+         {"prompt": "Name a colour:", "chosen": " red", "rejected": " the sky"},
+         {"prompt": "x", "chosen": "yes, it is", "rejected": "n"},
+         {"prompt": "What is 12*3? ", "chosen": "36", "rejected": "I do not know"}]
+# TRL's implicit-prompt format: whole conversations that share their first messages.
+CHAT = [{"chosen": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]}
+        for r in PLAIN]
+
+
+def config(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_prompt_length=32,
+                    max_length=64, learning_rate=1e-3, save_steps=0, logging_steps=1000, report_to="none",
+                    disable_tqdm=True, seed=0)
+    return DPOConfig(**{**settings, **overrides})
+
+
+def perturbed(model_dir, scale=0.1):
+    """The tiny model with seeded noise on every weight: a policy that differs from its reference."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def first_rows(trainer, n):
+    return trainer.collate_fn([trainer.train_dataset[i] for i in range(n)])
+
+
+# ---- the same numbers as TRL -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type, rows", [("sigmoid", PLAIN), ("ipo", PLAIN), ("hinge", PLAIN), ("sigmoid", CHAT)],
+                         ids=["sigmoid", "ipo", "hinge", "sigmoid-chat-implicit-prompt"])
+def test_loss_and_rewards_equal_trl(tiny_model_dir, tmp_path, loss_type, rows):
+    """Per pair, our loss and implicit rewards equal trl.DPOTrainer's, computed now on the same policy,
+    reference and pairs, to 1e-5 (float32; TRL runs each pair alone, we run the four padded together).
+    IPO matches because `average_log_prob` defaults on for ipo, as TRL length-normalises IPO."""
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy, reference = perturbed(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    pairs = datasets.Dataset.from_list(rows)
+    trl_args = TRLConfig(output_dir=str(tmp_path / "trl"), report_to="none", loss_type=loss_type, beta=0.5,
+                         use_cpu=True, bf16=False, max_length=64, per_device_train_batch_size=1)
+    theirs = TRLTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=trl_args,
+                        train_dataset=pairs, processing_class=tokenizer)
+    theirs.model.train()
+    expected = []
+    for i in range(len(rows)):
+        theirs._metrics["train"].clear()
+        loss = theirs.compute_loss(theirs.model, theirs.data_collator([theirs.train_dataset[i]]))
+        metrics = theirs._metrics["train"]
+        expected.append([loss.item(), metrics["rewards/chosen"][0], metrics["rewards/rejected"][0]])
+
+    ours = DPOTrainer(copy.deepcopy(policy), config(tmp_path, loss_type=loss_type, beta=0.5), pairs,
+                      processing_class=tokenizer, ref_model=copy.deepcopy(reference))
+    for i in range(len(rows)):  # the same tokens: prompt, answers (EOS added to plain strings), boundaries
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            assert ours.train_dataset[i][key] == theirs.train_dataset[i][key], (i, key)
+    with torch.no_grad():
+        losses, metrics = ours.compute_loss(ours.model, first_rows(ours, len(rows)))
+    got = torch.stack([losses, metrics["rewards/chosen"], metrics["rewards/rejected"]], dim=1)
+    assert got[:, 1:].abs().min() > 1e-3, "the policy must differ from the reference for this to mean anything"
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+# ---- DPO learns ---------------------------------------------------------------------------------
+
+
+def digit_pairs(n, seed):
+    """Random prompts; chosen = random digits, rejected = random letters of the same length."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        length = rng.randint(3, 6)
+        rows.append({"prompt": "".join(rng.choice("abcdefgh") for _ in range(4)) + ":",
+                     "chosen": "".join(rng.choice("0123456789") for _ in range(length)),
+                     "rejected": "".join(rng.choice("qrstuvwxyz") for _ in range(length))})
+    return datasets.Dataset.from_list(rows)
+
+
+def test_dpo_learns_the_preference_on_held_out_pairs(tiny_model_dir, tmp_path):
+    """Held out: the share of pairs whose chosen answer the policy finds likelier (about 0.47 at
+    the start), TRL's implicit-reward accuracy (0 at the start: ties), and the chosen log-prob all rise."""
+    trainer = DPOTrainer(tiny_model_dir, config(tmp_path, per_device_train_batch_size=8, max_steps=15,
+                                                lr_scheduler_type="constant", per_device_eval_batch_size=32),
+                         digit_pairs(64, seed=0), eval_dataset=digit_pairs(32, seed=1))
+
+    def policy_accuracy():
+        with torch.no_grad():
+            logps, _ = answer_logps(trainer.model, trainer.collate_fn(list(trainer.eval_dataset)))
+        chosen, rejected = logps.chunk(2)
+        return (chosen > rejected).float().mean().item()
+
+    before, accuracy_before = trainer.evaluate(), policy_accuracy()
+    history = trainer.train()
+    after, accuracy_after = history[-1], policy_accuracy()
+    assert "eval/loss" in after and after["step"] == 15
+    assert accuracy_before < 0.7 and accuracy_after >= 0.9, (accuracy_before, accuracy_after)
+    assert before["eval/rewards/accuracies"] == 0.0 and after["eval/rewards/accuracies"] >= 0.9
+    assert after["eval/logps/chosen"] > before["eval/logps/chosen"] + 2.0, (before, after)
+    assert after["eval/loss"] < before["eval/loss"] - 0.2
+    train_records = [h for h in history if "loss" in h]
+    assert {"rewards/margins", "logps/rejected", "learning_rate", "grad_norm", "step_time"} <= set(train_records[0])
+
+
+# ---- the reference ------------------------------------------------------------------------------
+
+
+def test_lora_reference_is_the_policy_with_its_adapter_disabled(tiny_model_dir, tmp_path):
+    trainer = DPOTrainer(tiny_model_dir, config(tmp_path, max_steps=3, learning_rate=1e-2),
+                         digit_pairs(8, seed=0), peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    assert trainer.reference.shares_policy and trainer.reference.model is policy  # no second model
+    batch = first_rows(trainer, 4)
+    trainer.train()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        reference, trained, base_logps = (answer_logps(m, batch)[0] for m in (trainer.reference, policy, base))
+    torch.testing.assert_close(reference, base_logps, atol=1e-5, rtol=0)  # the base model, exactly
+    assert (trained - reference).abs().max() > 1e-2  # while the adapter has moved the policy
+
+
+def test_precomputed_reference_gives_the_live_reference_run(tiny_model_dir, tmp_path):
+    """Full fine-tuning, 3 steps and an eval: the same losses with reference log-probs computed once
+    before training (by the policy itself: no copy, nothing held) as with a live frozen copy."""
+    runs = {}
+    for precompute in (False, True):
+        trainer = DPOTrainer(tiny_model_dir, config(tmp_path / str(precompute), max_steps=3,
+                                                    precompute_ref_log_probs=precompute),
+                             digit_pairs(12, seed=0), eval_dataset=digit_pairs(6, seed=1))
+        assert (trainer.reference is None) == precompute
+        runs[precompute] = trainer.train()
+    live, precomputed = runs[False], runs[True]
+    assert [h["step"] for h in live] == [h["step"] for h in precomputed] == [1, 2, 3, 3]
+    assert abs(live[1]["loss"] - 0.6931) > 1e-3, "after one update the policy must differ from its reference"
+    for a, b in zip(live, precomputed):
+        for key in ("loss", "rewards/chosen", "eval/loss", "eval/rewards/margins"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
+
+
+def test_precomputed_reference_cannot_score_new_data_after_training(tiny_model_dir, tmp_path):
+    trainer = DPOTrainer(tiny_model_dir, config(tmp_path, max_steps=1, precompute_ref_log_probs=True),
+                         digit_pairs(4, seed=0))
+    assert trainer.evaluate(digit_pairs(4, seed=1))["eval/loss"] == pytest.approx(0.6931, abs=1e-4)
+    trainer.train()
+    with pytest.raises(ValueError, match="reference was let go.*eval_dataset"):
+        trainer.evaluate(digit_pairs(4, seed=1))
+
+
+# ---- resume and gradient invariance --------------------------------------------------------------
+
+
+def test_resumed_run_equals_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """4 steps with a linear schedule after warmup, 3 steps an epoch: resumed from checkpoint-2, the
+    run crosses the epoch boundary (a reshuffle) and ends on the same weights as without a stop."""
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, warmup_steps=1,
+                  save_steps=2)
+    whole = DPOTrainer(tiny_model_dir, config(tmp_path / "whole", **common), digit_pairs(12, seed=0))
+    whole.train()
+    checkpoint = tmp_path / "whole" / "out" / "checkpoint-2"
+    assert (checkpoint / "model" / "model.safetensors").exists()
+    resumed = DPOTrainer(tiny_model_dir, config(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint), **common),
+                         digit_pairs(12, seed=0))
+    history = resumed.train()
+    assert [h["step"] for h in history] == [3, 4]
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "out")  # the final model: a plain folder
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), saved.parameters()))
+
+
+def test_one_step_is_the_same_for_any_micro_batch_split(tiny_model_dir, tmp_path):
+    """4 pairs as 4 x 1 or 2 x 2 micro-batches: the same gradient norm and update (1e-5). adam_epsilon
+    is large and clipping off so that the update scales with the gradient (Adam's first step is
+    otherwise about lr x sign(gradient), blind to a wrong normaliser)."""
+    steps = []
+    for size, accum in [(4, 1), (2, 2)]:
+        trainer = DPOTrainer(perturbed(tiny_model_dir), config(tmp_path / f"{size}x{accum}", max_steps=1,
+                                                               per_device_train_batch_size=size,
+                                                               gradient_accumulation_steps=accum, adam_epsilon=1.0,
+                                                               learning_rate=0.1, max_grad_norm=0.0),
+                             digit_pairs(8, seed=0), ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+        start = [p.detach().clone() for p in trainer.model.parameters()]
+        record = trainer.train()[0]
+        steps.append((record, [p.detach() - s for p, s in zip(trainer.model.parameters(), start)]))
+    (record_a, update_a), (record_b, update_b) = steps
+    assert record_a["grad_norm"] == pytest.approx(record_b["grad_norm"], rel=1e-5)
+    assert record_a["loss"] == pytest.approx(record_b["loss"], abs=1e-6)
+    for a, b in zip(update_a, update_b):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+    assert max(u.abs().max() for u in update_a) > 1e-3
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "p", "answer": "a", "rejected": "b"}], r"no column 'chosen'.*\['prompt', 'answer', 'rejected'\]"),
+    ([{"question": "p", "chosen": "a", "rejected": "b"}], r"no column 'prompt'"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": ""}],
+     r"column 'rejected' is empty in 1 of 2 rows \(first at row 1\)"),
+    ([{"chosen": CHAT[0]["chosen"], "rejected": CHAT[0]["chosen"][:1]}],  # no shared prompt to take
+     r"row 0: 'prompt' is empty once the messages shared by chosen and rejected are taken as the prompt"),
+])
+def test_bad_pairs_are_named(tiny_model_dir, tmp_path, rows, message):
+    with pytest.raises(DataError, match=message):
+        DPOTrainer(tiny_model_dir, config(tmp_path, per_device_train_batch_size=1), datasets.Dataset.from_list(rows))
+
+
+def test_bad_settings_say_what_to_change(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"max_prompt_length=64 must be positive and below max_length=64"):
+        config(tmp_path, max_prompt_length=64)
+    with pytest.raises(ValueError, match=r"train_dataset has 4 examples, fewer than one micro-batch.*8 x 1"):
+        DPOTrainer(tiny_model_dir, config(tmp_path, per_device_train_batch_size=8), digit_pairs(4, seed=0))
+
+
+def test_long_prompts_and_answers_are_cut_to_fit(tiny_model_dir, tmp_path):
+    """The prompt keeps its last max_prompt_length tokens; the answer its first tokens up to max_length."""
+    rows = datasets.Dataset.from_list([{"prompt": "abcdefghij", "chosen": "0123456789", "rejected": "z"}])
+    trainer = DPOTrainer(tiny_model_dir, config(tmp_path, per_device_train_batch_size=1, max_prompt_length=4,
+                                                max_length=7), rows)
+    tokenizer = trainer.tokenizer
+    row = trainer.train_dataset[0]
+    assert tokenizer.decode(row["prompt_ids"]) == "ghij" and tokenizer.decode(row["chosen_ids"]) == "012"
+    assert tokenizer.decode(row["rejected_ids"]) == "z" + tokenizer.eos_token
+
+
+# ---- the recipe path -----------------------------------------------------------------------------
+
+
+def test_llmrl_train_runs_a_dpo_recipe_end_to_end(tiny_model_dir, tmp_path):
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(path)
+
+    recipe_path = tmp_path / "dpo.yaml"
+    recipe_path.write_text(yaml.safe_dump({
+        "algorithm": "dpo", "model_name_or_path": tiny_model_dir, "use_peft": True, "lora_r": 4,
+        "dataset_name": write("train.jsonl", list(digit_pairs(8, seed=0))),
+        "eval_dataset_name": write("eval.jsonl", CHAT),
+        "loss_type": "ipo", "per_device_train_batch_size": 4, "max_steps": 2, "eval_steps": 1,
+        "learning_rate": 1e-3, "output_dir": str(tmp_path / "out"), "save_steps": 2, "report_to": "none"}))
+    history = train(load_recipe(recipe_path))
+    assert [(h["step"], "eval/loss" in h) for h in history] == [(1, False), (1, True), (2, False), (2, True)]
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert saved["loss_type"] == "ipo" and saved["average_log_prob"] is True
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "out" / "checkpoint-2" / "model" / "adapter_config.json").exists()
+
+
+def test_reference_model_wrapper_is_frozen(tiny_model_dir, tmp_path):
+    """A ref_model given by the user is frozen and never trained."""
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = DPOTrainer(tiny_model_dir, config(tmp_path, max_steps=1), digit_pairs(4, seed=0), ref_model=reference)
+    assert isinstance(trainer.reference, ReferenceModel) and not trainer.reference.shares_policy
+    before = [p.detach().clone() for p in reference.parameters()]
+    trainer.train()
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, reference.parameters()))
