@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import trl
 import yaml
 from peft import AutoPeftModelForSequenceClassification
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from llmrl import RewardTrainer, train
 from llmrl.config import ModelConfig, RewardConfig
@@ -148,29 +148,21 @@ def test_lora_trains_adapter_and_score_head_and_reloads(tiny_model_dir, tmp_path
         assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
-def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
+def test_resume_from_a_checkpoint_path_gives_the_weights_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """A new run (its own output_dir) started from the step-2 checkpoint of a 4-step run ends with
+    that run's weights: model, optimizer, scheduler, RNG and data position all come back."""
     rows = pairs(48, seed=0)
 
-    def run(name, resume=None, callbacks=()):
+    def run(name, resume=None):
         args = rm_args(tmp_path, output_dir=str(tmp_path / name), max_steps=4, save_steps=2, learning_rate=1e-3,
                        per_device_train_batch_size=8, resume_from_checkpoint=resume)
-        trainer = RewardTrainer(tiny_model_dir, args=args, train_dataset=rows, callbacks=list(callbacks))
+        trainer = RewardTrainer(tiny_model_dir, args=args, train_dataset=rows)
         trainer.train()
         return trainer
 
     whole = run("whole")
-    run("stopped", callbacks=[StopAt(2)])
-    resumed = run("stopped", resume=str(tmp_path / "stopped" / "checkpoint-2"))
-    assert resumed.state.global_step == 4
+    resumed = run("resumed", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    assert resumed.state.global_step == 4 and (tmp_path / "resumed" / "checkpoint-4").is_dir()
     for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
 
