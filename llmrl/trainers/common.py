@@ -1,4 +1,4 @@
-"""What every trainer shares about processes and devices."""
+"""What every trainer shares about processes, devices and the order of its data."""
 
 from __future__ import annotations
 
@@ -31,3 +31,16 @@ def make_accelerator(args=None, **kwargs) -> Accelerator:
             kwargs.setdefault("log_with", trackers)
             kwargs.setdefault("project_dir", logging_dir(args))
     return Accelerator(cpu=_cpu_processes(), **kwargs)
+
+
+def replay_batches(loader, skip: int = 0):
+    """`(position, batch)` pairs without end (each pass over `loader` reshuffles), after replaying
+    the first `skip` batches: the shuffling generator then stands where it stood, so a resumed run
+    sees the batches an uninterrupted one would. `position` counts the batches drawn so far, the
+    data position a checkpoint records."""
+    drawn = 0
+    while True:
+        for batch in loader:
+            drawn += 1
+            if drawn > skip:
+                yield drawn, batch

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from llmrl.trainers.common import replay_batches
 from llmrl.trainers.tracking import RunLogger
 
 
@@ -65,16 +66,6 @@ class OfflineTrainer:
     def compute_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def _batches(self, skip: int = 0):
-        """Micro-batches without end (each pass reshuffles), after replaying the first `skip`."""
-        drawn = 0
-        while True:
-            for batch in self.loader:
-                drawn += 1
-                if drawn > skip:
-                    self.batches_consumed = drawn
-                    yield batch
-
     def _means(self, per_example: dict[str, list[torch.Tensor]], gather) -> dict[str, float]:
         """Each metric's mean over the examples of every process."""
         return {key: gather(torch.cat(values)).float().mean().item() for key, values in per_example.items()}
@@ -85,7 +76,7 @@ class OfflineTrainer:
         accum = args.gradient_accumulation_steps
         per_example: dict[str, list[torch.Tensor]] = {}
         for k in range(accum):
-            batch = next(batches)
+            self.batches_consumed, batch = next(batches)
             # DDP averages gradients over processes; each loss is a share of the whole step's sum,
             # so scaling by the process count makes the average that sum.
             with self.accelerator.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext():
@@ -116,7 +107,7 @@ class OfflineTrainer:
             if self.accelerator.is_main_process:
                 print(f"resumed from {resume} at step {self.global_step}")
         self.logger = RunLogger(self.accelerator, args, self.max_steps, self._config, self.global_step)
-        batches = self._batches(skip)
+        batches = replay_batches(self.loader, skip)
         self.model.train()
         while self.global_step < self.max_steps:
             self.logger.log(self.training_step(batches), self.global_step)
