@@ -3,7 +3,11 @@ references, resume, gradient invariance, bad input and the recipe path."""
 
 import copy
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -286,3 +290,39 @@ def test_reference_model_wrapper_is_frozen(tiny_model_dir, tmp_path):
     trainer.train()
     assert not any(p.requires_grad for p in reference.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, reference.parameters()))
+
+
+# ---- two processes -------------------------------------------------------------------------------
+
+
+TWO_PROCESS_SETTINGS = dict(max_steps=1, learning_rate=0.1, adam_epsilon=1.0, max_grad_norm=0.0, seed=3)
+
+
+def test_two_processes_give_the_one_process_update(tiny_model_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU, 2 pairs per process, makes the
+    update of one process with the 4 pairs (1e-5): each process's loss is its share of the whole
+    step's sum. The reference is a frozen copy: step 1's loss is log 2, its gradient is not zero."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in digit_pairs(8, seed=0)))
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "algorithm": "dpo", "model_name_or_path": tiny_model_dir, "dataset_name": str(data),
+        "per_device_train_batch_size": 2, "max_prompt_length": 32, "max_length": 64, "save_steps": 0,
+        "output_dir": str(tmp_path / "two"), **TWO_PROCESS_SETTINGS}))
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1", "--multi_gpu",
+              "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launch, "-m", "llmrl", "train", str(recipe)], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "two")
+
+    one = DPOTrainer(tiny_model_dir, config(tmp_path / "one", per_device_train_batch_size=4, **TWO_PROCESS_SETTINGS),
+                     digit_pairs(8, seed=0))
+    one.train()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moved = 0.0
+    for (name, p0), p1, p2 in zip(start.named_parameters(), one.model.parameters(), two.parameters()):
+        moved = max(moved, (p1 - p0).abs().max().item())
+        assert torch.allclose(p1, p2, atol=1e-5, rtol=0), f"{name}: {(p1 - p2).abs().max():.2e}"
+    assert moved > 1e-3, "the step must change the weights for the comparison to mean anything"
