@@ -153,6 +153,8 @@ def tokenize_preferences(rows, tokenizer, source: str, max_prompt_length: int | 
     are errors that name `source`, the column and the row.
     """
     require_columns(rows, ("chosen", "rejected"), source)
+    if len(rows) == 0:
+        raise DataError(f"Dataset {source!r} has no rows.")
     implicit = "prompt" not in rows.column_names and is_conversational({"chosen": rows[0]["chosen"]})
     if not implicit:
         require_columns(rows, PREFERENCE_COLUMNS, source)

@@ -231,12 +231,15 @@ def test_one_step_is_the_same_for_any_micro_batch_split(tiny_model_dir, tmp_path
     ([{"question": "p", "chosen": "a", "rejected": "b"}], r"no column 'prompt'"),
     ([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": ""}],
      r"column 'rejected' is empty in 1 of 2 rows \(first at row 1\)"),
+    ([], r"'train_dataset' has no rows"),
     ([{"chosen": CHAT[0]["chosen"], "rejected": CHAT[0]["chosen"][:1]}],  # no shared prompt to take
      r"row 0: 'prompt' is empty once the messages shared by chosen and rejected are taken as the prompt"),
 ])
 def test_bad_pairs_are_named(tiny_model_dir, tmp_path, rows, message):
+    dataset = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
+        {"prompt": [], "chosen": [], "rejected": []})
     with pytest.raises(DataError, match=message):
-        DPOTrainer(tiny_model_dir, config(tmp_path, per_device_train_batch_size=1), datasets.Dataset.from_list(rows))
+        DPOTrainer(tiny_model_dir, config(tmp_path, per_device_train_batch_size=1), dataset)
 
 
 def test_bad_settings_say_what_to_change(tiny_model_dir, tmp_path):
