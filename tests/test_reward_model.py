@@ -62,10 +62,11 @@ def accuracy(model, tokenizer, rows):
 
 
 def test_reward_model_learns_and_reloads_with_identical_scores(tiny_model_dir, tmp_path):
-    """Held-out pairwise accuracy: near chance before (measured 0.625 on these 64 pairs), above 0.9 after 30
-    steps (measured 1.0). The saved folder, loaded with plain transformers, scores exactly alike."""
+    """Held-out pairwise accuracy: near chance before (measured 0.625 on these 64 pairs), above 0.9 after 16
+    steps (measured 1.0; training loss 0.34 -> 0.036). The saved folder, loaded with plain
+    transformers, scores exactly alike."""
     held_out = pairs(64, seed=1)
-    trainer = RewardTrainer(tiny_model_dir, args=rm_args(tmp_path, max_steps=30, logging_steps=10),
+    trainer = RewardTrainer(tiny_model_dir, args=rm_args(tmp_path, max_steps=16, logging_steps=8),
                             train_dataset=pairs(128, seed=0), eval_dataset=held_out)
     tokenizer = trainer.processing_class
     before = accuracy(trainer.model, tokenizer, held_out)
@@ -74,7 +75,7 @@ def test_reward_model_learns_and_reloads_with_identical_scores(tiny_model_dir, t
     assert before < 0.75 and after > 0.9, f"held-out accuracy {before:.2f} -> {after:.2f}"
 
     logged = [h for h in history if "loss" in h]
-    assert len(logged) == 3 and logged[-1]["loss"] < logged[0]["loss"]
+    assert len(logged) == 2 and logged[-1]["loss"] < 0.5 * logged[0]["loss"]
     assert logged[-1]["accuracy"] > 0.9 and logged[-1]["margin"] > logged[0]["margin"] > 0
     final_eval = history[-1]
     assert final_eval["eval_accuracy"] > 0.9 and final_eval["eval_margin"] > 0 and "eval_loss" in final_eval
