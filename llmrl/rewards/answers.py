@@ -35,7 +35,8 @@ def completion_text(completion) -> str:
 
 NUMBER = re.compile(
     r"(?:(?<![\w.])[-−])?"  # a sign, unless it is a hyphen ("5-3", "2024-01")
-    r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?"  # 1,000 | 12.5 | 1/2
+    r"(?:\\[dt]?frac\{\d+\}\{\d+\}"  # \frac{7}{2}
+    r"|(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?)(?:\\?%)?"  # 1,000 | 12.5 | 1/2; then 25%
     r"|(?<![\w.])[-−]?\.\d+"  # .5
 )
 ANSWER_MODES = ("auto", "boxed", "answer_tag", "last_number")
@@ -80,7 +81,7 @@ def extract_answer(text: str, mode: str = "auto", tag: str = "answer") -> str | 
 
     ``extract_answer("so \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"``. Modes: ``boxed`` (the last
     brace-balanced ``\\boxed{...}``), ``answer_tag`` (the last ``<tag>...</tag>``), ``last_number``
-    (the last number: ``-3``, ``1,000``, ``2.5``, ``1/2``), and ``auto``: boxed if present, else the
+    (the last number: ``-3``, ``1,000``, ``2.5``, ``1/2``, ``\\frac{7}{2}``, ``25%``), and ``auto``: boxed if present, else the
     tag if present, else the last number.
     """
     extractors = {

@@ -8,7 +8,7 @@ reasoning rewards' factories live in :mod:`.reasoning`; the plain length reward 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from llmrl.config import closest_name
 
@@ -24,9 +24,13 @@ from .reasoning import (
 )
 
 
-def _named(fn: RewardFunc, name: str) -> RewardFunc:
-    # TRL logs a function under its __name__, so a factory's product carries its registry name.
+def _builtin(name: str, factory: Callable[..., RewardFunc], **settings) -> RewardFunc:
+    """`factory(**settings)` named `name` (TRL logs a function under its __name__) and documented by
+    its factory, so ``help(REWARD_FUNCTIONS[name])`` shows what it computes and how to configure it."""
+    fn = factory(**settings)
     fn.__name__ = fn.__qualname__ = name
+    given = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+    fn.__doc__ = f"The built-in reward {name!r}: {factory.__name__}({given}).\n\n{factory.__doc__}"
     return fn
 
 
@@ -50,21 +54,21 @@ def make_length_reward(target: int | None = None) -> RewardFunc:
     return length
 
 
-# Each built-in with its factory's defaults; a configured variant comes from the factory (see
-# reasoning.py), e.g. in a module of your own named in the recipe as 'my_rewards:accuracy_percent'.
+# Each built-in with its factory's defaults; a configured variant comes from the factory, e.g. in a
+# module of your own named in the recipe as 'my_rewards:accuracy_percent'.
 REWARD_FUNCTIONS: dict[str, RewardFunc] = {
-    name: _named(fn, name)
-    for name, fn in {
-        "accuracy": make_accuracy_reward(),
-        "format": make_format_reward(),  # the first name of format_strict, kept for existing recipes
-        "format_strict": make_format_reward(),
-        "format_soft": make_format_reward(strict=False),
-        "xml_count": make_xml_count_reward(),
-        "integer_answer": make_integer_answer_reward(),
-        "cosine_length": make_cosine_length_reward(),
-        "repetition_penalty": make_repetition_penalty_reward(),
-        "length": make_length_reward(),
-    }.items()
+    name: _builtin(name, factory, **settings)
+    for name, factory, settings in [
+        ("accuracy", make_accuracy_reward, {}),
+        ("format", make_format_reward, {}),  # the first name of format_strict, kept for existing recipes
+        ("format_strict", make_format_reward, {}),
+        ("format_soft", make_format_reward, {"strict": False}),
+        ("xml_count", make_xml_count_reward, {}),
+        ("integer_answer", make_integer_answer_reward, {}),
+        ("cosine_length", make_cosine_length_reward, {}),
+        ("repetition_penalty", make_repetition_penalty_reward, {}),
+        ("length", make_length_reward, {}),
+    ]
 }
 
 
