@@ -111,6 +111,21 @@ def test_chat_messages_train_only_the_assistant_turns(tiny_model_dir, tmp_path):
             f"<|system|>be brief{EOS}<|user|>hi {i}{EOS}<|assistant|><|user|>again{EOS}<|assistant|>")
 
 
+def test_chat_template_without_generation_markers_still_trains_only_the_assistant(tiny_model_dir, tmp_path):
+    """The GPU recipe's path: Qwen2.5's chat template has no `{% generation %}` markers, so TRL swaps in
+    its training version of the template; the labels still cover the assistant turn alone."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    rows = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": f"hi {i}"},
+                                                     {"role": "assistant", "content": f"yo {i}"}]} for i in range(4)])
+    trainer = SFTTrainer(tiny_model_dir, args=sft_args(tmp_path, per_device_train_batch_size=4), train_dataset=rows,
+                         processing_class=tokenizer)
+    batch = first_batch(trainer)
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"].bool()):
+        i = tokenizer.decode(ids[mask]).split("hi ")[1][0]
+        assert tokenizer.decode(ids[labels != -100]).strip() == f"yo {i}<|im_end|>"
+
+
 def test_packing_keeps_examples_apart(tiny_model_dir, tmp_path):
     """12 examples packed into a few rows give the same loss as the 12 padded rows: each example
     attends only to itself (positions restart per example). Dropping the positions lets examples
