@@ -1,0 +1,71 @@
+"""A trained reward model used as a reward function (TRL's signature), for PPO and evaluation.
+
+    reward = RewardModelReward("outputs/reward_model")      # AutoModelForSequenceClassification, 1 label
+    reward(prompts=["2+2="], completions=["4"])              # -> [score]
+
+The pair is tokenized exactly as the reward trainer (TRL's `RewardTrainer` data preparation) did
+in training, with the reward model's own tokenizer: plain text is `prompt + completion + EOS`
+through the tokenizer (special tokens as it adds them); chat rows are the chat template of the
+prompt messages followed by the assistant's completion. The score is read at the last real token
+(`llmrl.models.reward_scores`), the position the reward trainer trained.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmrl.data import pad
+
+
+def _as_messages(completion) -> list[dict]:
+    if isinstance(completion, list):
+        return completion
+    return [{"role": "assistant", "content": completion}]
+
+
+class RewardModelReward:
+    """Score (prompt, completion) pairs with a sequence-classification reward model.
+
+    Args:
+        model: a folder / hub name (loaded with `llmrl.models.load_reward_model`) or a loaded model.
+        tokenizer: the reward model's tokenizer (default: loaded from `model`'s folder).
+        model_config: dtype and loading options for a folder.
+        batch_size: pairs per forward pass.
+        device: where to run it (default: where the model is).
+    """
+
+    __name__ = "reward_model"
+
+    def __init__(self, model, tokenizer=None, model_config=None, batch_size: int = 16, device=None):
+        from llmrl.config import ModelConfig
+        from llmrl.models import load_reward_model, load_tokenizer
+
+        if isinstance(model, str):
+            tokenizer = tokenizer or load_tokenizer(ModelConfig(model_name_or_path=model))
+            model = load_reward_model(model, model_config, pad_token_id=tokenizer.pad_token_id)
+        if tokenizer is None:
+            raise ValueError("RewardModelReward needs the reward model's tokenizer when given a model object.")
+        self.model, self.tokenizer, self.batch_size = model.eval().requires_grad_(False), tokenizer, batch_size
+        if device is not None:
+            self.model.to(device)
+
+    def encode(self, prompt, completion) -> list[int]:
+        """The token ids of one pair, as the reward trainer saw them."""
+        if isinstance(prompt, list):
+            return self.tokenizer.apply_chat_template([*prompt, *_as_messages(completion)], tokenize=True,
+                                                      return_dict=True)["input_ids"]
+        text = prompt + completion
+        eos = self.tokenizer.eos_token
+        return self.tokenizer(text if text.endswith(eos) else text + eos)["input_ids"]
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        from llmrl.models import reward_scores
+
+        device = next(self.model.parameters()).device
+        encoded = [self.encode(p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        for i in range(0, len(encoded), self.batch_size):
+            ids, mask = pad(encoded[i:i + self.batch_size], self.tokenizer.pad_token_id, side="left")
+            scores += reward_scores(self.model, ids.to(device), mask.to(device)).tolist()
+        return scores

@@ -1,0 +1,85 @@
+"""PPO's critic: a value model with its own optimizer and schedule, trained in the policy's loop.
+
+The value model is an `AutoModelForTokenClassification` with one label (`llmrl.models.load_value_model`),
+initialised from `value_model_name_or_path`, else the reward model, else the policy's weights; with
+`use_peft` it trains its own LoRA adapter (task TOKEN_CLS, head trained in full) on its own frozen
+copy of the base. `values()` gives the rollout's old values; `loss()` the clipped value loss of one
+micro-batch, normalised by the whole step's counts like the policy loss; `step()` the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft import get_peft_model
+from transformers import get_scheduler
+
+from llmrl.algos import aggregate_loss, explained_variance, masked_mean, value_loss, value_loss_metrics
+from llmrl.models import enable_checkpointing, load_value_model, lora_config, token_values
+
+
+class Critic:
+    """The value model of one run (prepared by `accelerator`), its AdamW and LR schedule."""
+
+    def __init__(self, accelerator, args, model_config, policy_source, pad_token_id: int, max_steps: int):
+        self.accelerator, self.args = accelerator, args
+        source = args.value_model_name_or_path or args.reward_model_name_or_path or policy_source
+        model = load_value_model(source, model_config, pad_token_id=pad_token_id)
+        if model_config.gradient_checkpointing:
+            enable_checkpointing(model)
+        if model_config.use_peft:
+            model = get_peft_model(model, lora_config(model_config, "TOKEN_CLS"))
+            if model_config.gradient_checkpointing:
+                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=args.value_learning_rate or args.learning_rate,
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                      weight_decay=args.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * max_steps)
+        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=max_steps)
+        accelerator.register_for_checkpointing(self.scheduler)
+
+    @torch.no_grad()
+    def values(self, rollout, batch_size: int) -> torch.Tensor:
+        """[R, C] values of the states before each completion token, no graph."""
+        num_completion = rollout.completion_ids.shape[1]
+        return torch.cat([
+            token_values(self.model, rollout.input_ids[i:i + batch_size], rollout.attention_mask[i:i + batch_size],
+                         num_completion)
+            for i in range(0, len(rollout.group_ids), batch_size)
+        ])
+
+    def loss(self, rollout, rows, old_values, returns, counts) -> tuple[torch.Tensor, dict]:
+        """The clipped value loss of micro-batch `rows`, aggregated like the policy loss."""
+        mask = rollout.completion_mask[rows]
+        values = token_values(self.model, rollout.input_ids[rows], rollout.attention_mask[rows], mask.shape[1])
+        per_token = value_loss(values, old_values[rows], returns[rows], mask, self.args.cliprange_value)
+        loss = aggregate_loss(per_token, mask, self.args.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1],
+                              max_len=self.args.max_completion_length)
+        metrics = value_loss_metrics(values, old_values[rows], returns[rows], mask, self.args.cliprange_value)
+        return loss, {"critic/value_loss": loss.detach(), "critic/vf_clipfrac": metrics["vf_clipfrac"]}
+
+    def step(self) -> dict:
+        """Clip, step and zero the critic's gradients (after the policy's backward)."""
+        metrics = {}
+        if self.args.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            metrics["critic/grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+    @staticmethod
+    def rollout_metrics(old_values, returns, mask) -> dict:
+        """How well the values at rollout time predict the returns they are trained towards."""
+        return {"critic/explained_variance": float(explained_variance(old_values, returns, mask)),
+                "critic/value_mean": float(masked_mean(old_values, mask)),
+                "critic/returns_mean": float(masked_mean(returns, mask))}
+
+    def export(self):
+        """The unwrapped value model, for `save_pretrained`."""
+        return self.accelerator.unwrap_model(self.model)
