@@ -18,7 +18,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import json
+from pathlib import Path
 
+import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
@@ -37,6 +40,10 @@ from llmrl.config import ModelConfig
 # *ForTokenClassification in transformers (Llama, Qwen, Mistral, Gemma, GPT-2, ...) calls it
 # `score`; encoder models' `classifier` reads a pooled state, not the last token, so it is not here.
 HEAD_NAMES = ("score",)
+
+# peft's task_type of a saved adapter -> the class it was trained on.
+ADAPTER_TASK_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification,
+                        "TOKEN_CLS": AutoModelForTokenClassification}
 
 
 # ---- Model inputs --------------------
@@ -126,11 +133,43 @@ def _is_model(obj) -> bool:
     return isinstance(obj, (PreTrainedModel, PeftModel))
 
 
+def adapter_base(path) -> str | None:
+    """The base model a local LoRA adapter folder (`adapter_config.json`) was trained on, else None."""
+    config = Path(str(path)) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path} is a LoRA adapter folder, but its adapter_config.json names no "
+                         "base_model_name_or_path; merge the adapter (merge_and_unload) and save the full model.")
+    return base
+
+
 def _source_config(path_or_model, model_config: ModelConfig):
-    """The config of a model object (a copy) or of a hub name / folder."""
+    """The config of a model object (a copy) or of a hub name / folder (an adapter's: its base's)."""
     if _is_model(path_or_model):
         return copy.deepcopy(path_or_model.config)
+    path_or_model = adapter_base(path_or_model) or path_or_model
     return AutoConfig.from_pretrained(path_or_model, **_hub_kwargs(path_or_model, model_config))
+
+
+def _load_merged_adapter(path: str, base: str, auto_class, model_config, config_overrides, **load_kwargs):
+    """A LoRA adapter folder loaded onto its base and merged into it: the model the adapter's run
+    ended with, as plain weights (an SFT adapter as the policy to start RL from, a reward-model
+    adapter as the frozen reward model or the critic's starting point). The adapter goes onto the
+    class it was trained with (its task_type), then converts to `auto_class` if that differs. The
+    missing keys are those that neither the base nor the adapter provided (e.g. a fresh head)."""
+    task = json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type")
+    own = ADAPTER_TASK_CLASSES.get(task, auto_class)
+    model, missing = _load_with_missing_keys(base, own, model_config, config_overrides, **load_kwargs)
+    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    saved = safetensors.torch.load_file(str(Path(path) / "adapter_model.safetensors"))
+    heads = {head for head in HEAD_NAMES if any(f".{head}." in key for key in saved)}
+    missing = {key for key in missing if key.split(".")[0] not in heads}
+    if own is auto_class:
+        return model, missing
+    converted, more = _load_with_missing_keys(model, auto_class, model_config, config_overrides)
+    return converted, missing | more
 
 
 def _hub_kwargs(path: str, model_config: ModelConfig) -> dict:
@@ -144,6 +183,9 @@ def _load_with_missing_keys(path_or_model, auto_class, model_config, config_over
     for key, value in config_overrides.items():
         setattr(config, key, value)
 
+    base = None if _is_model(path_or_model) else adapter_base(path_or_model)
+    if base is not None:
+        return _load_merged_adapter(path_or_model, base, auto_class, model_config, config_overrides, **load_kwargs)
     if not _is_model(path_or_model):
         try:
             model, info = auto_class.from_pretrained(
@@ -231,6 +273,13 @@ def _quantization_config(model_config: ModelConfig) -> BitsAndBytesConfig:
     )
 
 
+def enable_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing, non-reentrant: the reentrant variant breaks with frozen
+    inputs and DDP. transformers 5.23 renamed gradient_checkpointing_enable (now a deprecated alias)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def load_policy(model_config: ModelConfig, model=None, *, peft_config: LoraConfig | None = None):
     """The trainable causal LM: `model` (a name, folder or object; default model_name_or_path).
 
@@ -259,9 +308,7 @@ def load_policy(model_config: ModelConfig, model=None, *, peft_config: LoraConfi
             policy, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs
         )
     elif checkpointing:
-        # transformers 5.23 renamed gradient_checkpointing_enable (now a deprecated alias).
-        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-        enable(checkpointing_kwargs)
+        enable_checkpointing(policy)
 
     wants_peft = model_config.use_peft or peft_config is not None
     if wants_peft and not isinstance(policy, PeftModel):

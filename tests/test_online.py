@@ -168,9 +168,9 @@ def test_bad_reward_values_are_named(tiny_model_dir, tmp_path, output, message):
                      per_device_train_batch_size=8, dataset=chat_prompts(8)).train()
 
 
-def test_ppo_says_its_critic_is_not_built_yet(tiny_model_dir, tmp_path):
-    with pytest.raises(NotImplementedError, match=r"'ppo' uses GAE, which needs a critic.*#5"):
-        make_trainer(tiny_model_dir, tmp_path, algorithm="ppo", num_generations=1)
+def test_reward_weights_must_match_the_rewards_given_in_code(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"reward_weights has 3 values for 1 rewards \['digit_fraction'\]"):
+        make_trainer(tiny_model_dir, tmp_path, reward_weights=[1.0, 0.5, 0.1])
 
 
 def test_dataset_without_prompt_column_is_named(tiny_model_dir, tmp_path):

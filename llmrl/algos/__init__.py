@@ -14,6 +14,7 @@ from .advantages import (
 from .aggregate import (
     LOSS_AGG_MODES,
     aggregate_loss,
+    explained_variance,
     loss_counts,
     masked_mean,
     masked_sum,
@@ -21,7 +22,7 @@ from .aggregate import (
     masked_whiten,
 )
 from .entropy import entropy_from_logits
-from .kl import KL_ESTIMATORS, kl_penalty
+from .kl import KL_ESTIMATORS, adaptive_kl_coef, kl_penalty
 from .policy_losses import POLICY_LOSSES, policy_loss, value_loss, value_loss_metrics
 from .preference_losses import PREFERENCE_LOSSES, preference_loss
 
@@ -32,9 +33,11 @@ __all__ = [
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
     "REWARD_SCALES",
+    "adaptive_kl_coef",
     "aggregate_loss",
     "compute_advantages",
     "entropy_from_logits",
+    "explained_variance",
     "group_stats",
     "kl_penalty",
     "loss_counts",

@@ -159,3 +159,12 @@ def aggregate_loss(
         num_seqs=batch_seqs if num_seqs is None else num_seqs,
         max_len=max_len,
     )
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var[returns - values] / Var[returns]`` over the masked positions (a 0-dim tensor).
+
+    1 = the critic predicts the returns perfectly, 0 = no better than their mean, < 0 = worse. NaN
+    when the returns do not vary (nothing to explain).
+    """
+    return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask)

@@ -53,3 +53,15 @@ KL_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate ``[N, T]`` with ``estimator`` in ``KL_ESTIMATORS``."""
     return lookup(KL_ESTIMATORS, estimator, "KL estimator")(logprobs, ref_logprobs)
+
+
+def adaptive_kl_coef(beta: float, measured_kl: float, target: float, horizon: int, num_samples: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (arXiv 1909.08593), one update.
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)``, ``beta <- beta * (1 + e * num_samples / horizon)``:
+    beta grows when the measured KL (per sequence, summed over its tokens) is above target and
+    shrinks when below, by at most 20% per horizon's worth of samples. ``num_samples`` is the
+    number of sequences the KL was measured on (the whole rollout, every process).
+    """
+    error = min(max(measured_kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * num_samples / horizon)

@@ -201,6 +201,11 @@ class RLConfig(TrainConfig):
             )
         if self.beta < 0:
             raise ValueError(f"beta (the KL coefficient) must be >= 0, got {self.beta}.")
+        if self.kl_target is not None and (self.kl_target <= 0 or self.beta == 0):
+            raise ValueError(
+                f"kl_target={self.kl_target} turns on the adaptive KL controller, which scales beta up or down: it "
+                f"needs kl_target > 0 and a starting beta > 0 (got beta={self.beta})."
+            )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (greedy decoding is eval_do_sample: false), got {self.temperature}.")
         if not 0 < self.top_p <= 1:
@@ -223,7 +228,8 @@ class RLConfig(TrainConfig):
             if ":" not in spec:  # built-in names are checked now; user functions import in the trainer
                 resolve_reward_func(spec)
         n_rewards = len(self.reward_funcs) + (self.reward_model_name_or_path is not None)
-        if self.reward_weights is not None and len(self.reward_weights) != n_rewards:
+        # With no reward named here, the functions come in code (RLTrainer(reward_funcs=...)), which checks.
+        if self.reward_weights is not None and n_rewards and len(self.reward_weights) != n_rewards:
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} values but there are {n_rewards} rewards "
                 f"({self.reward_funcs}{' + reward model' if self.reward_model_name_or_path else ''}): give one each."

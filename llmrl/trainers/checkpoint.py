@@ -45,10 +45,11 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir) -> Path | Non
 
 
 def save_checkpoint(accelerator, output_dir, step: int, state: dict, export, tokenizer,
-                    save_total_limit: int | None = None) -> Path:
+                    save_total_limit: int | None = None, extra_exports: dict | None = None) -> Path:
     """Write `checkpoint-<step>` atomically (every process must call this); returns its path.
 
-    `export` is the unwrapped model saved as the plain `model/` folder; `state` goes to
+    `export` is the unwrapped model saved as the plain `model/` folder; `extra_exports` maps other
+    folder names to models saved the same way (PPO's `value_model/`); `state` goes to
     trainer_state.json. With `save_total_limit`, only the newest that many checkpoints are kept.
     """
     final = Path(output_dir) / f"{PREFIX}{step}"
@@ -60,6 +61,8 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, export, tok
     if accelerator.is_main_process:
         export.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
+        for name, model in (extra_exports or {}).items():
+            model.save_pretrained(tmp / name)
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

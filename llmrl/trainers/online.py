@@ -1,8 +1,11 @@
 """The online RL trainer: one loop for every on-policy preset, read top to bottom in `step()`.
 
     prompts -> generate n completions each -> score -> [drop flat groups, generate more]
-            -> old / reference logprobs -> per-token rewards -> advantages
-            -> for iteration, mini-batch, micro-batch: policy loss (+ KL) -> backward, step -> log
+            -> old / reference logprobs, old values -> per-token rewards -> advantages
+            -> for iteration, mini-batch, micro-batch: policy loss (+ KL, + value loss) -> backward, step -> log
+
+PPO is the same loop with a critic (`llmrl.trainers.critic`): the GAE estimator reads its values,
+and its clipped value loss joins the policy loss in every micro-batch.
 
 The loop never branches on an algorithm's name, only on settings (`beta > 0`, `kl_placement`,
 `dynamic_sampling`, ...): the preset chose them.
@@ -28,11 +31,14 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from llmrl.algos import (
+    adaptive_kl_coef,
     aggregate_loss,
     compute_advantages,
     kl_penalty,
     loss_counts,
     masked_mean,
+    masked_sum,
+    masked_whiten,
     policy_loss,
 )
 from llmrl.config import ModelConfig, RLConfig
@@ -41,6 +47,7 @@ from llmrl.evaluation import evaluate_policy, sample_rows, score_rollout
 from llmrl.logprobs import completion_logprobs
 from llmrl.models import build_reference, load_policy, load_tokenizer
 from llmrl.rewards import overlong_penalty, resolve_reward_funcs
+from llmrl.rewards.model import RewardModelReward
 from llmrl.rollout import (
     Rollout,
     concat_rollouts,
@@ -48,10 +55,13 @@ from llmrl.rollout import (
     informative_groups,
 )
 from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from llmrl.trainers.common import make_accelerator
+from llmrl.trainers.common import make_accelerator, replay_batches
+from llmrl.trainers.critic import Critic
 from llmrl.trainers.tracking import RunLogger, append_jsonl
 
 logger = logging.getLogger(__name__)
+
+VALUE_MODEL_DIR = "value_model"  # PPO's critic, inside the output folder and each checkpoint
 
 
 class RLTrainer:
@@ -76,22 +86,25 @@ class RLTrainer:
                  peft_config=None, model_config: ModelConfig | None = None, eval_dataset=None,
                  config: dict | None = None):
         self.args = args
-        if args.advantage_estimator == "gae":
-            raise NotImplementedError(
-                f"algorithm {args.algorithm!r} uses GAE, which needs a critic (value model); PPO with a critic "
-                "arrives with issue #5. The critic-free presets (grpo, dr_grpo, dapo, rloo, reinforce_pp, "
-                "reinforce_pp_baseline) run now."
-            )
         self.accelerator = make_accelerator(args)
         set_seed(args.seed, device_specific=True)  # each process samples different completions
         model_config = model_config or ModelConfig(model_name_or_path=model if isinstance(model, str) else None)
         self.tokenizer = processing_class or load_tokenizer(model_config)
         self.tokenizer.padding_side = "left"
         policy = load_policy(model_config, model=model, peft_config=peft_config)
-        self.reference = build_reference(policy, model_config, needed=args.beta > 0)
+        self.reference = build_reference(policy, model_config, needed=args.uses_kl)
+        self.kl_coef = args.beta  # moved by the adaptive controller when kl_target is set
         self.reward_funcs = resolve_reward_funcs([*args.reward_funcs, *(reward_funcs or [])])
+        if args.reward_model_name_or_path:  # the last reward, as reward_weights counts it
+            self.reward_funcs.append(("reward_model", RewardModelReward(
+                args.reward_model_name_or_path, model_config=model_config,
+                batch_size=args.per_device_train_batch_size, device=self.accelerator.device)))
         if not self.reward_funcs:
-            raise ValueError("No reward: set reward_funcs in the recipe (e.g. [accuracy]) or pass reward_funcs=.")
+            raise ValueError("No reward: set reward_funcs in the recipe (e.g. [accuracy]), reward_model_name_or_path, "
+                             "or pass reward_funcs=.")
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(args.reward_weights)} values for {len(self.reward_funcs)} "
+                             f"rewards {[name for name, _ in self.reward_funcs]}: give one each.")
         require_columns(train_dataset, PROMPT_COLUMNS, "train_dataset")
         if eval_dataset is not None:
             require_columns(eval_dataset, PROMPT_COLUMNS, "eval_dataset")
@@ -119,6 +132,9 @@ class RLTrainer:
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.max_steps)
         self.accelerator.register_for_checkpointing(self.scheduler)
+        # GAE needs a critic; every other estimator is critic-free.
+        self.critic = Critic(self.accelerator, args, model_config, model, self.tokenizer.pad_token_id,
+                             self.max_steps) if args.advantage_estimator == "gae" else None
         self._config = config if config is not None else vars(args)
         self.logger: RunLogger | None = None
         self.global_step = 0
@@ -130,17 +146,6 @@ class RLTrainer:
             return self.args.max_steps
         rollouts = math.ceil(self.args.num_train_epochs * len(self.loader))
         return rollouts * self.args.num_mini_batches * self.args.num_iterations
-
-    def _prompt_batches(self, skip: int = 0):
-        """Prompt batches without end (each pass reshuffles), after replaying the first `skip`: the
-        shuffling generator then stands where it stood, so a resumed run sees the same prompts."""
-        drawn = 0
-        while True:
-            for batch in self.loader:
-                drawn += 1
-                if drawn > skip:
-                    self.batches_consumed = drawn
-                    yield batch
 
     # ---- generate and score ------------------------------------------------------------------
 
@@ -174,7 +179,7 @@ class RLTrainer:
         kept, kept_rewards, metrics = [], [], {}
         generated = 0
         while True:
-            batch = next(batches)
+            self.batches_consumed, batch = next(batches)
             rollout = generate_completions(
                 unwrapped, batch["input_ids"], batch["attention_mask"], num_generations=args.num_generations,
                 max_completion_length=args.max_completion_length, eos_token_id=self.tokenizer.eos_token_id,
@@ -227,27 +232,34 @@ class RLTrainer:
             for i in range(0, len(rollout.group_ids), size)
         ])
 
-    def advantages(self, rollout: Rollout, rewards: torch.Tensor, old_logprobs, ref_logprobs):
-        """Per-token rewards (sequence reward on the last real token, minus beta x KL when the KL is
-        in the reward), then the estimator over the WHOLE batch of every process, so that batch
-        statistics (whitening, scale_rewards=batch) are global; each process keeps its own rows."""
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of `x` ([R] or [R, C], C padded to the longest), in process order."""
+        return self.accelerator.gather(self.accelerator.pad_across_processes(x, dim=1) if x.dim() == 2 else x)
+
+    def advantages(self, rollout: Rollout, rewards: torch.Tensor, old_logprobs, ref_logprobs, old_values=None):
+        """`(advantages, returns)` [R, C]. Per-token rewards (the sequence reward on the last real
+        token, minus kl_coef x KL per token when the KL is in the reward), then the estimator over
+        the WHOLE batch of every process, so that batch statistics (whitening, scale_rewards=batch)
+        are global; each process keeps its own rows."""
         args, mask = self.args, rollout.completion_mask
         token_rewards = rollout.outcome_rewards(rewards)
-        if args.beta > 0 and args.kl_placement == "reward":
-            token_rewards = token_rewards - args.beta * kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
+        if self.kl_coef > 0 and args.kl_placement == "reward":
+            token_rewards = token_rewards - self.kl_coef * kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
         group_ids = rollout.group_ids + self.accelerator.process_index * (1 << 32)  # groups never span processes
-        gathered = [self.accelerator.gather(self.accelerator.pad_across_processes(x, dim=1))
-                    if x.dim() == 2 else self.accelerator.gather(x) for x in (token_rewards, mask, group_ids)]
-        advantages, _ = compute_advantages(args.advantage_estimator, token_rewards=gathered[0], mask=gathered[1],
-                                           group_ids=gathered[2], gamma=args.gamma, lam=args.lam,
-                                           scale_rewards=args.scale_rewards)
-        start = self.accelerator.process_index * len(rewards)
-        return advantages[start:start + len(rewards), : mask.shape[1]]
+        gathered_mask = self._gather(mask)
+        advantages, returns = compute_advantages(
+            args.advantage_estimator, token_rewards=self._gather(token_rewards), mask=gathered_mask,
+            group_ids=self._gather(group_ids), values=None if old_values is None else self._gather(old_values),
+            gamma=args.gamma, lam=args.lam, scale_rewards=args.scale_rewards)
+        if args.whiten_advantages:
+            advantages = masked_whiten(advantages, gathered_mask)
+        start, width = self.accelerator.process_index * len(rewards), mask.shape[1]
+        return advantages[start:start + len(rewards), :width], returns[start:start + len(rewards), :width]
 
     # ---- the update -------------------------------------------------------------------------
 
-    def _micro_loss(self, rollout: Rollout, rows: slice, old_logprobs, ref_logprobs, advantages, counts):
-        """The loss of one micro-batch, normalised by the whole optimizer step's counts."""
+    def _micro_loss(self, rollout: Rollout, rows, old_logprobs, ref_logprobs, advantages, counts):
+        """The policy loss of one micro-batch, normalised by the whole optimizer step's counts."""
         args, mask = self.args, rollout.completion_mask[rows]
         logprobs, entropy = completion_logprobs(self.model, rollout.input_ids[rows], rollout.attention_mask[rows],
                                                 mask.shape[1], temperature=args.temperature, with_entropy=True)
@@ -255,9 +267,9 @@ class RLTrainer:
         per_token, metrics = policy_loss(args.policy_loss, logprobs=logprobs, old_logprobs=old,
                                          advantages=advantages[rows], mask=mask, epsilon=args.epsilon,
                                          epsilon_high=args.epsilon_high, dual_clip=args.dual_clip)
-        if args.beta > 0 and args.kl_placement == "loss":
+        if self.kl_coef > 0 and args.kl_placement == "loss":
             kl = kl_penalty(logprobs, ref_logprobs[rows], args.kl_estimator)
-            per_token = per_token + args.beta * kl
+            per_token = per_token + self.kl_coef * kl
             metrics["kl"] = masked_mean(kl.detach(), mask)
         loss = aggregate_loss(per_token, mask, args.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1],
                               max_len=args.max_completion_length)
@@ -267,6 +279,20 @@ class RLTrainer:
     def _step_counts(self, mask: torch.Tensor) -> torch.Tensor:
         """(num_tokens, num_seqs) of one optimizer step's rows, summed over every process."""
         return self.accelerator.reduce(torch.stack(loss_counts(mask)).float(), "sum")
+
+    def _update_kl_coef(self, rollout: Rollout, old_logprobs, ref_logprobs) -> dict:
+        """Log the rollout's KL to the reference (k1 summed per sequence, averaged over every
+        process's sequences) and the coefficient it used; with kl_target, move the coefficient for
+        the next rollout (the adaptive controller)."""
+        mask = rollout.completion_mask
+        per_seq = masked_sum(old_logprobs - ref_logprobs, mask, dim=-1)
+        real = mask.sum(-1) > 0
+        totals = self.accelerator.reduce(torch.stack([per_seq[real].sum(), real.sum().float()]), "sum")
+        measured, used = float(totals[0] / totals[1].clamp(min=1)), self.kl_coef
+        if self.args.kl_target is not None:
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, measured, self.args.kl_target, self.args.kl_horizon,
+                                            int(totals[1]))
+        return {"kl_sequence": measured, "kl_coef": used}
 
     def step(self, batches) -> dict:
         """One rollout and its updates; returns the metrics to log."""
@@ -280,19 +306,33 @@ class RLTrainer:
                 "step %d: no completion was kept (every group's rewards were equal in %d generated batches); "
                 "skipping this update. Raise max_gen_batches or num_generations, or check the reward functions.",
                 self.global_step, metrics["dynamic_sampling/gen_batches"])
+            for _ in range(updates):  # the schedule follows the step count, skipped steps included
+                self.scheduler.step()
+                if self.critic is not None:
+                    self.critic.scheduler.step()
             self.global_step += updates
             return {**metrics, "skipped": 1.0}
         on_policy = args.num_iterations == 1 and args.num_mini_batches == 1
-        needs_old = not on_policy or (args.beta > 0 and args.kl_placement == "reward")
+        # Exactly on-policy, the old logprobs are the detached current ones (no extra pass), unless
+        # the KL must be known before the update: in the reward, or for the adaptive controller.
+        kl_first = self.reference is not None and (args.kl_placement == "reward" or args.kl_target is not None)
+        needs_old = not on_policy or kl_first
+        size = args.per_device_train_batch_size
         old_logprobs = self._logprobs_no_grad(self.model, rollout) if needs_old else None
         ref_logprobs = self._logprobs_no_grad(self.reference, rollout) if self.reference is not None else None
-        advantages = self.advantages(rollout, rewards, old_logprobs, ref_logprobs)
+        old_values = self.critic.values(rollout, size) if self.critic is not None else None
+        advantages, returns = self.advantages(rollout, rewards, old_logprobs, ref_logprobs, old_values)
+        if old_logprobs is not None and ref_logprobs is not None:  # after: this rollout used the old coefficient
+            metrics.update(self._update_kl_coef(rollout, old_logprobs, ref_logprobs))
         valid = rollout.completion_mask.bool()
         metrics["advantages/mean"] = advantages[valid].mean().item() if valid.any() else 0.0
         metrics["advantages/std"] = advantages[valid].std().item() if valid.sum() > 1 else 0.0
+        if self.critic is not None:
+            metrics.update(Critic.rollout_metrics(old_values, returns, rollout.completion_mask))
 
         self.model.train()
-        size, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        accum = args.gradient_accumulation_steps
+        models = [self.model] + ([self.critic.model] if self.critic is not None else [])
         step_metrics: dict[str, list] = {}
         for _ in range(args.num_iterations):
             order = torch.randperm(self.rollout_size) if args.num_mini_batches > 1 else torch.arange(self.rollout_size)
@@ -303,10 +343,18 @@ class RLTrainer:
                     micro = rows[k * size:(k + 1) * size]
                     # DDP averages gradients over processes; the loss is already a share of the
                     # global step's sum, so scale it back up to get the sum.
-                    with self.accelerator.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext():
+                    with contextlib.ExitStack() as stack:
+                        if k < accum - 1:
+                            for model in models:
+                                stack.enter_context(self.accelerator.no_sync(model))
                         loss, m = self._micro_loss(rollout, micro, old_logprobs, ref_logprobs, advantages, counts)
+                        m["loss"] = loss.detach()
+                        if self.critic is not None:
+                            critic_loss, critic_metrics = self.critic.loss(rollout, micro, old_values, returns, counts)
+                            loss = loss + args.vf_coef * critic_loss
+                            m.update(critic_metrics)
                         self.accelerator.backward(loss * self.accelerator.num_processes)
-                    for key, value in {**m, "loss": loss.detach()}.items():
+                    for key, value in m.items():
                         step_metrics.setdefault(key, []).append(float(value))
                 if args.max_grad_norm > 0:
                     grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
@@ -315,6 +363,9 @@ class RLTrainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.critic is not None:
+                    for key, value in self.critic.step().items():
+                        step_metrics.setdefault(key, []).append(value)
                 self.global_step += 1
         metrics.update({key: sum(v) / len(v) for key, v in step_metrics.items()})
         elapsed = time.perf_counter() - start
@@ -333,10 +384,11 @@ class RLTrainer:
         if resume is not None:
             state = load_checkpoint(self.accelerator, resume)
             self.global_step, skip = state["step"], state["batches_consumed"]
+            self.kl_coef = state.get("kl_coef", self.kl_coef)
             if self.accelerator.is_main_process:
                 print(f"resumed from {resume} at step {self.global_step}")
         self.logger = RunLogger(self.accelerator, self.args, self.max_steps, self._config, self.global_step)
-        batches = self._prompt_batches(skip)
+        batches = replay_batches(self.loader, skip)
         self.model.train()
         while self.global_step < self.max_steps:
             before = self.global_step
@@ -379,16 +431,21 @@ class RLTrainer:
 
     def save_checkpoint(self):
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
-                               {"batches_consumed": self.batches_consumed},
-                               self.accelerator.unwrap_model(self.model), self.tokenizer, self.args.save_total_limit)
+                               {"batches_consumed": self.batches_consumed, "kl_coef": self.kl_coef},
+                               self.accelerator.unwrap_model(self.model), self.tokenizer, self.args.save_total_limit,
+                               extra_exports={VALUE_MODEL_DIR: self.critic.export()} if self.critic else None)
 
     def save_model(self, output_dir: str):
-        """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder."""
+        """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder; PPO's
+        critic goes to its `value_model/` subfolder (a token-classification model)."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
             self.tokenizer.save_pretrained(output_dir)
+            if self.critic is not None:
+                self.critic.export().save_pretrained(Path(output_dir) / VALUE_MODEL_DIR)
+                self.tokenizer.save_pretrained(Path(output_dir) / VALUE_MODEL_DIR)
 
 
 def run(recipe):
