@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import GenerationConfig
 
-from llmrl.models import last_token_index
+from llmrl.models import last_token_index, position_ids_from_mask
 
 
 @dataclass
@@ -82,6 +81,90 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id) -> tuple[torch.T
     return (eos_before == 0).float(), ~is_eos.any(-1)
 
 
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """`logits` [N, V] with the tokens outside the top-k and the top-p nucleus set to -inf, as
+    transformers' `TopKLogitsWarper` then `TopPLogitsWarper` do (the likeliest token always stays).
+    `top_k=0` and `top_p=1.0` are off."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)
+        outside = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        outside[:, -1] = False
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return logits
+
+
+def sample_tokens(probs: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """One token per row of `probs` [N, V] (non-negative, any total): [N] long.
+
+    Inverse-CDF sampling in two levels: a block of `block` tokens by its mass, then a token inside
+    it. `torch.multinomial` draws an exponential variable for every vocabulary entry, which on a CPU
+    costs ~45 ms for 64 rows of a 32k vocabulary, as much as the model's forward at each decoding
+    step; this draws two uniforms per row (~2 ms). Two levels keep float32 cumulative sums short, so
+    a token's chance is its probability to float32 rounding of its block's sum, not of the whole
+    vocabulary's.
+    """
+    rows, vocab = probs.shape
+    blocks = torch.nn.functional.pad(probs.float(), (0, -vocab % block)).view(rows, -1, block)
+    mass = blocks.sum(-1)
+    cdf = mass.cumsum(-1)
+    # right=True: the first block whose cumulative mass exceeds the draw, so never an empty block.
+    chosen = torch.searchsorted(cdf, torch.rand(rows, 1, device=probs.device) * cdf[:, -1:], right=True)
+    chosen = chosen.clamp_(max=cdf.shape[1] - 1)
+    inner = blocks[torch.arange(rows, device=probs.device), chosen.squeeze(1)].cumsum(-1)
+    token = torch.searchsorted(inner, torch.rand(rows, 1, device=probs.device) * inner[:, -1:], right=True)
+    token = (chosen * block + token.clamp_(max=block - 1)).squeeze(1)
+    # A draw rounded up onto the very end can land on a zero-probability token: take the likeliest.
+    return torch.where(probs.gather(1, token[:, None]).squeeze(1) > 0, token, probs.argmax(-1))
+
+
+def _all_finished(finished: torch.Tensor) -> bool:
+    """Every row of every process has ended. Under FSDP / ZeRO-3 each forward is a collective, so
+    every process keeps decoding (padding its finished rows) until all of them are done."""
+    done = finished.all()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        done = done.float()
+        torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+    return bool(done)
+
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, eos_token_id,
+           pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+           do_sample: bool = True) -> torch.Tensor:
+    """The completion ids [N, C <= max_new_tokens] of left-padded prompts [N, P], decoded with the
+    model's KV cache; after a row's EOS, padding. Sampling follows transformers' `generate` (logits
+    divided by the temperature, then top-k, then top-p), with `sample_tokens` in place of
+    `torch.multinomial`; `do_sample=False` takes the argmax."""
+    eos = torch.tensor(_eos_ids(eos_token_id), device=input_ids.device)
+    positions = position_ids_from_mask(attention_mask)
+    # The model builds its own cache type (sliding windows, hybrid layers) on the first call.
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    position = positions[:, -1:]
+    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if do_sample:
+            logits = filter_logits(logits / temperature, top_k, top_p)
+            token = sample_tokens(logits.softmax(-1))
+        else:
+            token = logits.argmax(-1)
+        token = token.masked_fill(finished, pad_token_id)
+        tokens.append(token)
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or _all_finished(finished):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(tokens, dim=1)
+
+
 @torch.no_grad()
 def generate_completions(
     model,
@@ -97,7 +180,7 @@ def generate_completions(
     top_k: int = 0,
     do_sample: bool = True,
 ) -> Rollout:
-    """Sample `num_generations` completions per prompt with the model's own `generate` (KV cache).
+    """Sample `num_generations` completions per prompt, all prompts in one batch (`decode`).
 
     `input_ids`/`attention_mask` [B, P] are left-padded prompts. `do_sample=False` decodes greedily.
     The model is put in eval mode for generation (no dropout, and the KV cache on even when
@@ -105,23 +188,14 @@ def generate_completions(
     """
     prompt_ids = input_ids.repeat_interleave(num_generations, dim=0)
     prompt_mask = attention_mask.repeat_interleave(num_generations, dim=0)
-    config = GenerationConfig(
-        max_new_tokens=max_completion_length,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=(top_k or None) if do_sample else None,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        use_cache=True,
-    )
     was_training = model.training
     model.eval()
     try:
-        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        completion_ids = decode(model, prompt_ids, prompt_mask, max_new_tokens=max_completion_length,
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature,
+                                top_p=top_p, top_k=top_k, do_sample=do_sample)
     finally:
         model.train(was_training)
-    completion_ids = sequences[:, prompt_ids.shape[1]:]
     mask, truncated = completion_mask(completion_ids, eos_token_id)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
     group_ids = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(num_generations)

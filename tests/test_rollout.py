@@ -2,10 +2,17 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from llmrl.data import PromptCollator
-from llmrl.rollout import completion_mask, generate_completions, informative_groups
+from llmrl.rollout import (
+    completion_mask,
+    decode,
+    filter_logits,
+    generate_completions,
+    informative_groups,
+    sample_tokens,
+)
 
 EOS = 1
 
@@ -92,3 +99,54 @@ def test_generation_restores_training_mode(tiny):
     rollout_for(tiny, ["1"], num_generations=1)
     assert model.training
     model.eval()
+
+
+# ---- the sampler: the distribution the logprobs score, nothing added ---------------------------
+
+
+def test_sample_tokens_draws_each_token_with_its_probability():
+    # 600 tokens: three blocks of 256, the last one partly padding; some tokens impossible.
+    torch.manual_seed(0)
+    probs = torch.rand(600) ** 4
+    probs[::7] = 0.0
+    probs = probs / probs.sum()
+    draws = 400_000
+    torch.manual_seed(1)
+    tokens = torch.cat([sample_tokens(probs.expand(20_000, -1)) for _ in range(draws // 20_000)])
+    frequency = torch.bincount(tokens, minlength=600).float() / draws
+    assert frequency[::7].sum() == 0  # a zero-probability token is never drawn
+    # Within 5 standard deviations of a multinomial count, token by token.
+    sigma = (probs * (1 - probs) / draws).sqrt()
+    assert torch.all((frequency - probs).abs() <= 5 * sigma + 1e-7)
+
+
+def test_filter_logits_is_transformers_top_k_then_top_p():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    for top_k, top_p in [(5, 1.0), (0, 0.9), (10, 0.5), (0, 0.01)]:
+        expected = logits
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p < 1:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        assert torch.equal(filter_logits(logits, top_k, top_p).isinf(), expected.isinf()), (top_k, top_p)
+
+
+def test_greedy_decoding_equals_transformers_generate(tiny):
+    model, tokenizer = tiny
+    batch = PromptCollator(tokenizer, max_prompt_length=64)([{"prompt": p} for p in ["1+1=", "a longer prompt 9*9="]])
+    ours = decode(model.eval(), batch["input_ids"], batch["attention_mask"], max_new_tokens=12, do_sample=False,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    theirs = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config)
+    assert torch.equal(ours, theirs[:, batch["input_ids"].shape[1]:])
+
+
+def test_top_k_zero_samples_the_whole_vocabulary(tiny):
+    # transformers' generate reads top_k=None as its default top_k=50: the sampler must not.
+    torch.manual_seed(0)
+    rollout = rollout_for(tiny, ["x"], num_generations=400, max_completion_length=1, top_k=0)
+    assert rollout.completion_ids[:, 0].unique().numel() > 60
