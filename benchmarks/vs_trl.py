@@ -29,8 +29,8 @@ Method.
   the same sequences in the same micro-batches, the LM head on completion positions only and a
   plain `cross_entropy`. A GRPO step cannot do less; reported: llmrl's median step / the median limit.
 - The profile (GRPO, `--profile`, on by default for small): one more llmrl run whose phases are
-  timed by wrapping the functions the loop calls (generation, reward, forward, log-softmax,
-  entropy, loss, backward, optimizer); nested calls count in the outer phase; overhead is what the
+  timed by wrapping the functions the loop calls (generation, reward, forward, log-softmax
+  and entropy, loss, backward, optimizer); nested calls count in the outer phase; overhead is what the
   step spends outside them. `--torch_profile` adds torch.profiler's top operators for one step.
 
 Timings on a shared machine are noisy: compare the ratios, which were measured side by side.
@@ -300,8 +300,7 @@ class Phases:
         self.wrap(trainer, "_logprobs_no_grad", "old/ref logprobs (no grad)")
         self.wrap(trainer, "advantages", "advantages")
         self.wrap(llmrl.logprobs, "padded_forward", "forward: model")
-        self.wrap(llmrl.logprobs, "selective_log_softmax", "forward: log-softmax")
-        self.wrap(llmrl.logprobs, "entropy_from_logits", "forward: entropy")
+        self.wrap(llmrl.logprobs, "selective_log_softmax", "forward: log-softmax, entropy")
         for name in ("policy_loss", "aggregate_loss", "kl_penalty", "masked_mean"):
             self.wrap(online, name, "loss and metrics")
         self.wrap(trainer.accelerator, "backward", "backward")

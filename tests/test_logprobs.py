@@ -115,7 +115,45 @@ def test_lm_head_runs_on_completion_positions_only(tiny_model):
             completion_logprobs(tiny_model, ids, torch.ones_like(ids), 4)
     finally:
         hook.remove()
-    assert seen == [torch.Size([2, 5, 64])]  # C + 1 positions, not all 30
+    assert seen == [torch.Size([2, 4, 64])]  # the C positions that predict a completion token, not all 30
+
+
+def test_padding_shared_by_every_row_is_trimmed_and_changes_nothing(tiny_model):
+    """Columns that are padding in every row (left of the shortest prompts, right of the longest
+    completion) are not run: the LM head sees fewer positions, real logprobs are unchanged, and the
+    trimmed completion positions come back as 0."""
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(6, 103, (2, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    # 3 columns of shared left padding, 2 more on row 1; completion C=6 with its last 2 columns
+    # padding in both rows, one more in row 0.
+    padded_ids = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids, torch.zeros(2, 2, dtype=torch.long)], 1)
+    padded_mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), mask, torch.zeros(2, 2, dtype=torch.long)], 1)
+    padded_mask[1, 3:5] = 0
+    padded_mask[0, -3] = 0
+    seen = []
+    hook = tiny_model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    try:
+        logprobs, entropy = completion_logprobs(tiny_model, padded_ids, padded_mask, 6, with_entropy=True)
+    finally:
+        hook.remove()
+    assert seen == [4]
+    untrimmed, untrimmed_entropy = _naive_completion(tiny_model, padded_ids, padded_mask, 6, 1.0)
+    real = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    torch.testing.assert_close(logprobs[real], untrimmed[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy[real], untrimmed_entropy[real], rtol=0, atol=1e-5)
+    assert torch.all(logprobs[:, -2:] == 0) and logprobs.requires_grad
+
+
+def test_an_all_padding_completion_batch_still_has_a_graph(tiny_model):
+    # A micro-batch of filler rows (empty completion masks) must still backpropagate (DDP waits for it).
+    ids = torch.randint(6, 103, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[:, -4:] = 0
+    logprobs = completion_logprobs(tiny_model, ids, mask, 4)
+    assert logprobs.shape == (2, 4) and logprobs.requires_grad
+    (logprobs * 0).sum().backward()
+    tiny_model.zero_grad()
 
 
 @pytest.fixture(scope="module")
