@@ -1,0 +1,98 @@
+"""Writes data/arithmetic/: the demo's tiny verifiable task, additions and subtractions of 1-2 digit numbers.
+
+    python data/make_arithmetic.py [--seed 0] [--train 3000] [--sft 1000] [--test 200] [--out data/arithmetic]
+
+Files (JSON lines, same seed -> same files):
+
+- `train.jsonl` / `test.jsonl`: a chat `prompt` (one user turn, e.g. ``37+48=``) and the `answer`
+  (``85``) that the `accuracy` reward checks: the RL prompts and the held-out evaluation. The test
+  questions never appear in train (nor does their operand swap for +).
+- `sft.jsonl`: the first 1,000 train questions as `prompt` + `completion` (the answer as an assistant
+  turn): SFT's worked examples. RL then sees all 3,000 train prompts with only a checker for feedback.
+- `preferences.jsonl`: for each train question, `chosen` = the right answer and `rejected` = a plausible
+  wrong one (the carry or borrow forgotten, one digit off by one, or the answer off by ten), both as
+  assistant turns: DPO's and the reward model's data.
+
+Answers are short (1-3 characters), so sampling a completion costs a handful of tokens on a CPU.
+Subtractions keep the larger number first, so no answer is negative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+def all_questions() -> list[tuple[int, str, int]]:
+    """Every (a, op, b) of the task: a, b in 0..99, a >= b for subtraction."""
+    adds = [(a, "+", b) for a in range(100) for b in range(100)]
+    subs = [(a, "-", b) for a in range(100) for b in range(a + 1)]
+    return adds + subs
+
+
+def solve(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b
+
+
+def wrong_answer(a: int, op: str, b: int, rng: random.Random) -> int:
+    """A plausible mistake: the carry (borrow) forgotten digit by digit, one digit off by one, or +-10."""
+    right = solve(a, op, b)
+    mistakes = []
+    if op == "+":
+        mistakes.append((a // 10 + b // 10) % 10 * 10 + (a % 10 + b % 10) % 10)  # every carry dropped
+    else:
+        mistakes.append(abs(a // 10 - b // 10) * 10 + abs(a % 10 - b % 10))  # smaller digit from larger
+    mistakes += [right + 1, right - 1, right + 10, right - 10]
+    mistakes = [m for m in mistakes if m != right and m >= 0]
+    return rng.choice(mistakes)
+
+
+def prompt(a: int, op: str, b: int) -> list[dict]:
+    return [{"role": "user", "content": f"{a}{op}{b}="}]
+
+
+def assistant(value: int) -> list[dict]:
+    return [{"role": "assistant", "content": str(value)}]
+
+
+def make_splits(seed: int, n_train: int, n_test: int, n_sft: int) -> dict[str, list[dict]]:
+    """{file stem: rows}; questions drawn without replacement, test disjoint from train."""
+    rng = random.Random(seed)
+    questions = all_questions()
+    rng.shuffle(questions)
+    test = questions[:n_test]
+    # a+b and b+a are the same question to a learner: keep both out of train.
+    held_out = set(test) | {(b, op, a) for a, op, b in test if op == "+"}
+    train = [q for q in questions[n_test:] if q not in held_out][:n_train]
+    return {
+        "train": [{"prompt": prompt(*q), "answer": str(solve(*q))} for q in train],
+        "test": [{"prompt": prompt(*q), "answer": str(solve(*q))} for q in test],
+        "sft": [{"prompt": prompt(*q), "completion": assistant(solve(*q))} for q in train[:n_sft]],
+        "preferences": [{"prompt": prompt(*q), "chosen": assistant(solve(*q)), "rejected": assistant(wrong_answer(*q, rng))}
+                        for q in train],
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=3000)
+    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--sft", type=int, default=1000, help="worked examples for SFT: the first N train questions")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "arithmetic"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in make_splits(args.seed, args.train, args.test, args.sft).items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+        print(f"wrote {len(rows)} rows to {out / name}.jsonl")
+
+
+if __name__ == "__main__":
+    main()
