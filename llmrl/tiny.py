@@ -49,11 +49,13 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
 
-# Named sizes. micro: build_tiny_model's defaults, ~0.09M parameters, for unit tests. small: ~19M
+# Named sizes. micro: build_tiny_model's defaults, ~0.09M parameters, for unit tests. demo: ~0.54M,
+# the smallest that learns the demo's arithmetic (data/arithmetic) in a minute of CPU. small: ~19M
 # with a 32k vocabulary, for benchmarks where the LM head and the log-softmax dominate memory as
 # they do in real models.
 PRESETS = {
     "micro": {},
+    "demo": dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
     "small": dict(hidden_size=384, num_layers=4, num_heads=6, intermediate_size=1024, vocab_size=32000),
 }
 
