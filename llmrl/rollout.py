@@ -107,6 +107,8 @@ def sample_tokens(probs: torch.Tensor, block: int = 256) -> torch.Tensor:
     vocabulary's.
     """
     rows, vocab = probs.shape
+    if vocab <= block:  # one block: torch.multinomial's exponentials are as few, and it is one call
+        return torch.multinomial(probs, 1).squeeze(1)
     blocks = torch.nn.functional.pad(probs.float(), (0, -vocab % block)).view(rows, -1, block)
     mass = blocks.sum(-1)
     cdf = mass.cumsum(-1)

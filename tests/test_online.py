@@ -140,7 +140,10 @@ def test_one_step_is_the_same_for_any_micro_batch_split(tiny_model_dir, tmp_path
                                per_device_train_batch_size=size, gradient_accumulation_steps=accum,
                                loss_agg_mode=mode, max_steps=1, learning_rate=1e-3, beta=0.0, max_grad_norm=0.0,
                                # one rollout of mixed lengths, so that the split matters for a wrong normaliser
-                               max_completion_length=12)
+                               max_completion_length=12,
+                               # Adam's first update is lr * g / (|g| + eps): with eps at 1e-8, an element whose
+                               # gradient is ~1e-8 turns float rounding of g (1e-7 relative) into 1% of lr.
+                               adam_epsilon=1e-3)
         start = [p.detach().clone() for p in trainer.model.parameters()]
         trainer.train()
         updates.append([p.detach() - s for p, s in zip(trainer.model.parameters(), start)])
