@@ -1,14 +1,15 @@
 """Writes data/arithmetic/: the demo's tiny verifiable task, additions and subtractions of 1-2 digit numbers.
 
-    python data/make_arithmetic.py [--seed 0] [--train 3000] [--sft 1000] [--test 200] [--out data/arithmetic]
+    python data/make_arithmetic.py [--seed 0] [--sft 1000] [--train 2000] [--test 200] [--out data/arithmetic]
 
 Files (JSON lines, same seed -> same files):
 
-- `train.jsonl` / `test.jsonl`: a chat `prompt` (one user turn, e.g. ``37+48=``) and the `answer`
-  (``85``) that the `accuracy` reward checks: the RL prompts and the held-out evaluation. The test
-  questions never appear in train (nor does their operand swap for +).
-- `sft.jsonl`: the first 1,000 train questions as `prompt` + `completion` (the answer as an assistant
-  turn): SFT's worked examples. RL then sees all 3,000 train prompts with only a checker for feedback.
+- `sft.jsonl`: 1,000 worked examples, a chat `prompt` (one user turn, e.g. ``37+48=``) and its
+  `completion` (the answer, ``85``, as an assistant turn): the SFT warm-start.
+- `train.jsonl`: 2,000 other questions as `prompt` + `answer`: the RL prompts, where the only
+  feedback is the `accuracy` reward checking the answer.
+- `test.jsonl`: 200 held-out questions, `prompt` + `answer`, in none of the other files (nor is
+  their operand swap, for +).
 - `preferences.jsonl`: for each train question, `chosen` = the right answer and `rejected` = a plausible
   wrong one (the carry or borrow forgotten, one digit off by one, or the answer off by ten), both as
   assistant turns: DPO's and the reward model's data.
@@ -58,18 +59,19 @@ def assistant(value: int) -> list[dict]:
 
 
 def make_splits(seed: int, n_train: int, n_test: int, n_sft: int) -> dict[str, list[dict]]:
-    """{file stem: rows}; questions drawn without replacement, test disjoint from train."""
+    """{file stem: rows}; questions drawn without replacement: test, sft and train are disjoint."""
     rng = random.Random(seed)
     questions = all_questions()
     rng.shuffle(questions)
     test = questions[:n_test]
     # a+b and b+a are the same question to a learner: keep both out of train.
     held_out = set(test) | {(b, op, a) for a, op, b in test if op == "+"}
-    train = [q for q in questions[n_test:] if q not in held_out][:n_train]
+    rest = [q for q in questions[n_test:] if q not in held_out]
+    sft, train = rest[:n_sft], rest[n_sft:n_sft + n_train]
     return {
         "train": [{"prompt": prompt(*q), "answer": str(solve(*q))} for q in train],
         "test": [{"prompt": prompt(*q), "answer": str(solve(*q))} for q in test],
-        "sft": [{"prompt": prompt(*q), "completion": assistant(solve(*q))} for q in train[:n_sft]],
+        "sft": [{"prompt": prompt(*q), "completion": assistant(solve(*q))} for q in sft],
         "preferences": [{"prompt": prompt(*q), "chosen": assistant(solve(*q)), "rejected": assistant(wrong_answer(*q, rng))}
                         for q in train],
     }
@@ -82,9 +84,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=3000)
-    parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--sft", type=int, default=1000, help="worked examples for SFT: the first N train questions")
+    parser.add_argument("--train", type=int, default=2000, help="RL prompts")
+    parser.add_argument("--test", type=int, default=200, help="held-out questions")
+    parser.add_argument("--sft", type=int, default=1000, help="worked examples for SFT")
     parser.add_argument("--out", default=str(Path(__file__).parent / "arithmetic"))
     args = parser.parse_args(argv)
     out = Path(args.out)
