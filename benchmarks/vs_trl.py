@@ -24,10 +24,13 @@ Method.
 - Peak memory: on CPU, the run's peak resident set size (`ru_maxrss`) at the end of training; both
   processes import torch, transformers and trl (llmrl uses trl too), so the fixed part is alike.
   On CUDA, `torch.cuda.max_memory_allocated`.
-- The limit (GRPO): in each llmrl run, after training, the time to generate one rollout with
-  `model.generate` (same prompts, sampling settings and lengths) plus one forward and backward over
-  the same sequences in the same micro-batches, the LM head on completion positions only and a
-  plain `cross_entropy`. A GRPO step cannot do less; reported: llmrl's median step / the median limit.
+- The limit (GRPO): in each llmrl run, after training, the time to generate one rollout (same
+  prompts, sampling settings and lengths) plus one forward and backward over the same sequences in
+  the same micro-batches, with no scoring and no optimizer step. Each part is timed two ways:
+  transformers alone (`model.generate`; the LM head on completion positions and a plain
+  `cross_entropy`) and llmrl's own pieces (`llmrl.rollout.decode`, `completion_logprobs`). The limit
+  is the faster of each part; reported: llmrl's median step / the median limit, and the ratio to
+  the transformers-only limit.
 - The profile (GRPO, `--profile`, on by default for small): one more llmrl run whose phases are
   timed by wrapping the functions the loop calls (generation, reward, forward, log-softmax
   and entropy, loss, backward, optimizer); nested calls count in the outer phase; overhead is what the
@@ -230,36 +233,57 @@ def synchronize(device: str):
 
 
 def measure_limit(trainer, size: Size, device: str) -> dict:
-    """Seconds to generate one rollout and to run one forward + backward over it (no optimizer step)."""
+    """Seconds for the work a GRPO step cannot avoid, two ways each: generating one rollout
+    (transformers' `model.generate`; llmrl's `decode`) and one forward + backward over it in the
+    step's micro-batches (a plain `cross_entropy` on completion positions; llmrl's
+    `completion_logprobs`). No optimizer step, no scoring."""
     import torch
     from transformers import GenerationConfig
+
+    from llmrl.logprobs import completion_logprobs
+    from llmrl.rollout import decode
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     tokenizer = trainer.tokenizer
     batch = next(iter(trainer.loader))
     prompt_ids = batch["input_ids"].repeat_interleave(size.num_generations, 0).to(model.device)
     prompt_mask = batch["attention_mask"].repeat_interleave(size.num_generations, 0).to(model.device)
+    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     config = GenerationConfig(max_new_tokens=size.completion_len, do_sample=True, temperature=1.0, top_k=0,
-                              top_p=1.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                              top_p=1.0, **special)
+
+    def timed(function):
+        synchronize(device)
+        start = time.perf_counter()
+        result = function()
+        synchronize(device)
+        return time.perf_counter() - start, result
+
     model.eval()
-    synchronize(device)
-    start = time.perf_counter()
-    sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-    synchronize(device)
-    generated = time.perf_counter()
+    hf_generate, sequences = timed(lambda: model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                                          generation_config=config))
+    llmrl_decode, _ = timed(lambda: decode(model, prompt_ids, prompt_mask, max_new_tokens=size.completion_len,
+                                           **special))
     model.train()
     mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_ids.shape[1]:])], dim=1)
     completion = sequences.shape[1] - prompt_ids.shape[1]
-    for i in range(0, len(sequences), size.micro_batch):
-        ids = sequences[i:i + size.micro_batch]
-        logits = model(input_ids=ids, attention_mask=mask[i:i + size.micro_batch], use_cache=False,
-                       logits_to_keep=completion + 1).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, -completion:].flatten())
-        loss.backward()
-    synchronize(device)
-    done = time.perf_counter()
+
+    def plain():
+        for i in range(0, len(sequences), size.micro_batch):
+            ids = sequences[i:i + size.micro_batch]
+            logits = model(input_ids=ids, attention_mask=mask[i:i + size.micro_batch], use_cache=False,
+                           logits_to_keep=completion + 1).logits[:, :-1]
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, -completion:].flatten()).backward()
+
+    def ours():
+        for i in range(0, len(sequences), size.micro_batch):
+            rows = slice(i, i + size.micro_batch)
+            completion_logprobs(model, sequences[rows], mask[rows], completion).mean().backward()
+
+    plain_fb, _ = timed(plain)
+    llmrl_fb, _ = timed(ours)
     model.zero_grad(set_to_none=True)
-    return {"generation": generated - start, "forward_backward": done - generated, "total": done - start}
+    return {"hf_generate": hf_generate, "llmrl_decode": llmrl_decode, "plain_fb": plain_fb, "llmrl_fb": llmrl_fb}
 
 
 class Phases:
@@ -398,13 +422,16 @@ def report(algo: str, size_name: str, size: Size, args, runs: dict, params: int,
     print(f"step time ratio {time_ratio:.2f}{verdict}; peak memory ratio {memory_ratio:.2f} "
           f"(target <= 1: {'met' if memory_ratio <= 1 else 'missed'})")
     if limits:
-        generation = median(limit["generation"] for limit in limits)
-        forward_backward = median(limit["forward_backward"] for limit in limits)
-        total = median(limit["total"] for limit in limits)
-        ratio = times["llmrl"] / total
+        parts = {key: median(limit[key] for limit in limits) for key in limits[0]}
+        plain = parts["hf_generate"] + parts["plain_fb"]
+        fastest = min(parts["hf_generate"], parts["llmrl_decode"]) + min(parts["plain_fb"], parts["llmrl_fb"])
+        ratio = times["llmrl"] / fastest
         target = " (target <= 1.15: " + ("met)" if ratio <= 1.15 else "missed)") if size_name == "small" else ""
-        print(f"limit: generation {generation:.3f} s + forward/backward {forward_backward:.3f} s = {total:.3f} s; "
-              f"llmrl step / limit = {ratio:.2f}{target}")
+        print(f"limit, generation + one forward/backward: transformers' generate {parts['hf_generate']:.3f} s + plain "
+              f"cross_entropy forward/backward {parts['plain_fb']:.3f} s = {plain:.3f} s; llmrl's decode "
+              f"{parts['llmrl_decode']:.3f} s, completion_logprobs forward/backward {parts['llmrl_fb']:.3f} s; "
+              f"the fastest of each = {fastest:.3f} s")
+        print(f"llmrl step / limit = {ratio:.2f}{target} (over the transformers-only limit: {times['llmrl'] / plain:.2f})")
     print(f"TRL settings changed from TRL's defaults to match llmrl: {changes}")
 
 
