@@ -36,7 +36,10 @@ Method.
   and entropy, loss, backward, optimizer); nested calls count in the outer phase; overhead is what the
   step spends outside them. `--torch_profile` adds torch.profiler's top operators for one step.
 
-Timings on a shared machine are noisy: compare the ratios, which were measured side by side.
+Timings on a shared machine are noisy: compare the ratios, which were measured side by side. On a
+machine where other jobs hold cores, pass `--threads 1`: with two torch threads and one core busy
+elsewhere, every parallel region waits for the descheduled thread (a micro-model forward/backward
+went from 5 ms to 390 ms), which measures the scheduler, not the trainers.
 """
 
 from __future__ import annotations
