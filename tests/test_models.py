@@ -261,4 +261,6 @@ def test_lora_reward_and_value_models_train_adapter_and_whole_head(reward_dir, t
     assert all("lora_" in n or "score.modules_to_save" in n for n in trainable)
     ids, mask = pad(SEQUENCES, 0, "left")
     with torch.no_grad():  # B = 0 and a copied head: the wrapped model starts where the plain one is
-        assert torch.equal(read(wrapped, ids, mask), read(load(reward_dir).eval(), ids, mask))
+        # (float rounding apart: peft's wrapped Linear may add the zero update in another order)
+        torch.testing.assert_close(read(wrapped, ids, mask), read(load(reward_dir).eval(), ids, mask),
+                                   rtol=0, atol=1e-6)
