@@ -2,9 +2,9 @@
 
 On a plain CPU, with no download: build a ~0.54M-parameter tiny model offline, teach it 1- and 2-digit
 additions and subtractions by SFT on 1,000 worked examples (recipes/demo/sft.yaml), then run GRPO
-(recipes/demo/grpo.yaml) on 3,000 prompts whose only feedback is a checker of the final answer.
+(recipes/demo/grpo.yaml) on 2,000 other questions whose only feedback is a checker of the final answer.
 Held-out accuracy (greedy, on 200 questions never trained on) is measured after SFT and after RL;
-the reward and accuracy curve is written as a PNG. About 3 minutes on a 2-core CPU.
+the reward and accuracy curve is written as a PNG. About 5 minutes on a 2-core CPU.
 
     python -m llmrl.demo [--algorithm dapo] [--rl_steps 50] [--output_dir outputs/demo]
 

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import safetensors.torch
@@ -35,6 +36,8 @@ from transformers import (
 )
 
 from llmrl.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # The scalar head on top of the backbone. Every causal-LM *ForSequenceClassification and
 # *ForTokenClassification in transformers (Llama, Qwen, Mistral, Gemma, GPT-2, ...) calls it
@@ -323,6 +326,12 @@ def load_policy(model_config: ModelConfig, model=None, *, peft_config: LoraConfi
 # ---- Reference --------------------
 
 
+def _adapter_is_trained(model: PeftModel) -> bool:
+    """Whether any LoRA update is non-zero (a fresh adapter has B = 0, so it changes nothing yet)."""
+    return any(parameter.detach().abs().max() > 0 for name, parameter in model.named_parameters()
+               if "lora_B" in name or "lora_embedding_B" in name)
+
+
 class ReferenceModel:
     """The frozen reference policy, called like a model: `ref(**inputs)` or `ref.forward(**inputs)`.
 
@@ -356,13 +365,20 @@ class ReferenceModel:
 def build_reference(policy, model_config: ModelConfig | None = None, needed: bool = True) -> ReferenceModel | None:
     """The reference for the KL term, taken from the policy as it is now (call before training).
 
-    None when `needed` is False (no KL term: nothing is copied). A PeftModel policy is shared with
-    its adapter disabled; any other policy is deep-copied and frozen.
+    None when `needed` is False (no KL term: nothing is copied). A PeftModel policy whose adapter
+    is still the no-op it starts as (every LoRA B zero) is shared with its adapter disabled; any
+    other policy, including a PeftModel with an adapter trained before, is deep-copied and frozen.
     """
     if not needed:
         return None
     if isinstance(policy, PeftModel):
-        return ReferenceModel(policy, shares_policy=True)
+        if not _adapter_is_trained(policy):
+            return ReferenceModel(policy, shares_policy=True)
+        logger.warning(
+            "The policy is a PeftModel whose adapter was already trained, so the reference (the policy as it "
+            "starts) is not the base model with the adapter off: it is a frozen copy of the whole model, base "
+            "included. To share one base instead, merge the adapter first (model.merge_and_unload(), or name "
+            "the adapter folder as model_name_or_path) and train a new adapter with peft_config.")
     if model_config is not None and model_config.use_peft:
         raise ValueError(
             "use_peft is set but the policy is not a PeftModel, so the reference would be a full second "

@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,12 +58,17 @@ def first_rows(trainer, n):
 # ---- the same numbers as TRL -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_type, rows", [("sigmoid", PLAIN), ("ipo", PLAIN), ("hinge", PLAIN), ("sigmoid", CHAT)],
-                         ids=["sigmoid", "ipo", "hinge", "sigmoid-chat-implicit-prompt"])
-def test_loss_and_rewards_equal_trl(tiny_model_dir, tmp_path, loss_type, rows):
+@pytest.mark.parametrize("loss_type, rows, label_smoothing",
+                         [("sigmoid", PLAIN, 0.0), ("ipo", PLAIN, 0.0), ("hinge", PLAIN, 0.0), ("sigmoid", CHAT, 0.0),
+                          ("robust", PLAIN, 0.1), ("sigmoid", PLAIN, 0.1)],
+                         ids=["sigmoid", "ipo", "hinge", "sigmoid-chat-implicit-prompt", "robust-ls0.1", "cdpo-ls0.1"])
+def test_loss_and_rewards_equal_trl(tiny_model_dir, tmp_path, loss_type, rows, label_smoothing):
     """Per pair, our loss and implicit rewards equal trl.DPOTrainer's, computed now on the same policy,
     reference and pairs, to 1e-5 (float32; TRL runs each pair alone, we run the four padded together).
-    IPO matches because `average_log_prob` defaults on for ipo, as TRL length-normalises IPO."""
+    IPO matches because `average_log_prob` defaults on for ipo, as TRL length-normalises IPO.
+
+    The documented difference: TRL 1.16's sigmoid ignores label_smoothing; ours is then cDPO,
+    -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h), checked here on TRL's own margins."""
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer as TRLTrainer
 
@@ -70,7 +76,8 @@ def test_loss_and_rewards_equal_trl(tiny_model_dir, tmp_path, loss_type, rows):
     policy, reference = perturbed(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     pairs = datasets.Dataset.from_list(rows)
     trl_args = TRLConfig(output_dir=str(tmp_path / "trl"), report_to="none", loss_type=loss_type, beta=0.5,
-                         use_cpu=True, bf16=False, max_length=64, per_device_train_batch_size=1)
+                         label_smoothing=label_smoothing, use_cpu=True, bf16=False, max_length=64,
+                         per_device_train_batch_size=1)
     theirs = TRLTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=trl_args,
                         train_dataset=pairs, processing_class=tokenizer)
     theirs.model.train()
@@ -81,7 +88,8 @@ def test_loss_and_rewards_equal_trl(tiny_model_dir, tmp_path, loss_type, rows):
         metrics = theirs._metrics["train"]
         expected.append([loss.item(), metrics["rewards/chosen"][0], metrics["rewards/rejected"][0]])
 
-    ours = DPOTrainer(copy.deepcopy(policy), config(tmp_path, loss_type=loss_type, beta=0.5), pairs,
+    ours = DPOTrainer(copy.deepcopy(policy), config(tmp_path, loss_type=loss_type, beta=0.5,
+                                                    label_smoothing=label_smoothing), pairs,
                       processing_class=tokenizer, ref_model=copy.deepcopy(reference))
     for i in range(len(rows)):  # the same tokens: prompt, answers (EOS added to plain strings), boundaries
         for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -90,7 +98,13 @@ def test_loss_and_rewards_equal_trl(tiny_model_dir, tmp_path, loss_type, rows):
         losses, metrics = ours.compute_loss(ours.model, first_rows(ours, len(rows)))
     got = torch.stack([losses, metrics["rewards/chosen"], metrics["rewards/rejected"]], dim=1)
     assert got[:, 1:].abs().min() > 1e-3, "the policy must differ from the reference for this to mean anything"
-    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0)
+    expected = torch.tensor(expected)
+    if loss_type == "sigmoid" and label_smoothing:
+        scaled_margin = expected[:, 1] - expected[:, 2]  # beta h, from TRL's implicit rewards
+        cdpo = -(1 - label_smoothing) * F.logsigmoid(scaled_margin) - label_smoothing * F.logsigmoid(-scaled_margin)
+        assert (cdpo - expected[:, 0]).abs().min() > 1e-3  # TRL's loss is plain DPO: the two really differ
+        expected[:, 0] = cdpo
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 # ---- DPO learns ---------------------------------------------------------------------------------
@@ -150,14 +164,30 @@ def test_lora_reference_is_the_policy_with_its_adapter_disabled(tiny_model_dir, 
     assert (trained - reference).abs().max() > 1e-2  # while the adapter has moved the policy
 
 
-def test_precomputed_reference_gives_the_live_reference_run(tiny_model_dir, tmp_path):
-    """Full fine-tuning, 3 steps and an eval: the same losses with reference log-probs computed once
-    before training (by the policy itself: no copy, nothing held) as with a live frozen copy."""
+def test_chosen_and_rejected_share_one_forward_pass(tiny_model_dir, tmp_path):
+    trainer = DPOTrainer(tiny_model_dir, config(tmp_path), digit_pairs(4, seed=0))
+    calls = []
+    hooks = [module.register_forward_hook(lambda m, args, kwargs, out, name=name: calls.append(
+        (name, kwargs.get("input_ids", args[0] if args else None).shape[0])), with_kwargs=True)
+        for name, module in (("policy", trainer.accelerator.unwrap_model(trainer.model)),
+                             ("reference", trainer.reference.model))]
+    trainer.compute_loss(trainer.model, first_rows(trainer, 4))
+    for hook in hooks:
+        hook.remove()
+    assert calls == [("reference", 8), ("policy", 8)] or calls == [("policy", 8), ("reference", 8)], calls
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_precomputed_reference_gives_the_live_reference_run(tiny_model_dir, tmp_path, lora):
+    """3 steps and an eval: the same losses with reference log-probs computed once before training
+    (by the policy itself, its adapter off under LoRA: no copy, nothing held) as with a live reference."""
     runs = {}
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None
     for precompute in (False, True):
         trainer = DPOTrainer(tiny_model_dir, config(tmp_path / str(precompute), max_steps=3,
-                                                    precompute_ref_log_probs=precompute),
-                             digit_pairs(12, seed=0), eval_dataset=digit_pairs(6, seed=1))
+                                                    precompute_ref_log_probs=precompute,
+                                                    learning_rate=1e-2 if lora else 1e-3),
+                             digit_pairs(12, seed=0), eval_dataset=digit_pairs(6, seed=1), peft_config=peft_config)
         assert (trainer.reference is None) == precompute
         runs[precompute] = trainer.train()
     live, precomputed = runs[False], runs[True]
@@ -329,3 +359,25 @@ def test_two_processes_give_the_one_process_update(tiny_model_dir, tmp_path):
         moved = max(moved, (p1 - p0).abs().max().item())
         assert torch.allclose(p1, p2, atol=1e-5, rtol=0), f"{name}: {(p1 - p2).abs().max():.2e}"
     assert moved > 1e-3, "the step must change the weights for the comparison to mean anything"
+
+
+def test_a_policy_with_a_trained_adapter_keeps_that_adapter_in_its_reference(tiny_model_dir, tmp_path, caplog):
+    """The reference is the policy as training starts. A PeftModel passed in with an adapter trained
+    before is not its base model with the adapter off: it gets a frozen copy, and a warning says why."""
+    from peft import get_peft_model
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="llmrl.models"):
+        trainer = DPOTrainer(policy, config(tmp_path), digit_pairs(4, seed=0),
+                             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert not trainer.reference.shares_policy and "already trained" in caplog.text
+    batch = first_rows(trainer, 4)
+    with torch.no_grad():
+        start, reference = (answer_logps(m, batch)[0] for m in (trainer.accelerator.unwrap_model(trainer.model),
+                                                                 trainer.reference))
+    torch.testing.assert_close(reference, start, atol=1e-5, rtol=0)  # the adapter included

@@ -40,7 +40,8 @@ def score_one(fn, completion, **columns) -> float | None:
 @pytest.mark.parametrize(
     "text, mode, expected",
     [
-        ("so \\boxed{\\frac{1}{2}} and <answer>7</answer>", "auto", "\\frac{1}{2}"),
+        ("so \\boxed{\\frac{1}{2}} and <answer>7</answer>", "auto", "7"),  # the one written last
+        ("<answer>7</answer>, no: \\boxed{\\frac{1}{2}}", "auto", "\\frac{1}{2}"),
         ("\\boxed{3} then \\boxed{x^{2}+1}", "boxed", "x^{2}+1"),  # the last one, braces balanced
         ("\\boxed{4} and \\boxed{unclosed", "boxed", "4"),
         ("reasoning <answer> 42 </answer> 7", "auto", "42"),

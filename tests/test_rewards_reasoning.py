@@ -74,6 +74,16 @@ def both_forms(fn, completion, **columns) -> float | None:
         ("<answer></answer>", "5", 0.0),  # an empty answer
         ("\\boxed{}", "5", 0.0),
         ("", "5", 0.0),  # an empty completion
+        ("The answer is 1e3", "1000", 1.0),  # scientific notation is one number, not its exponent
+        ("<answer>1.5e-3</answer>", "0.0015", 1.0),
+        ("\\boxed{\\dfrac12}", "0.5", 1.0),  # a brace-less \frac of two digits
+        ("\\boxed{\\dfrac12}", "12", 0.0),
+        # A box tried inside <think> does not outrank the <answer> given after it ...
+        ("<think>\nmaybe \\boxed{42}?\n</think>\n<answer>\n43\n</answer>", "42", 0.0),
+        ("<think>\nmaybe \\boxed{42}?\n</think>\n<answer>\n43\n</answer>", "43", 1.0),
+        # ... a box inside the tag is the tag's answer, and a box written after the tag is the last word.
+        ("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5", 1.0),
+        ("<answer>7</answer> Checking again: \\boxed{8}", "8", 1.0),
     ],
 )
 def test_accuracy_numbers(completion, answer, expected):
@@ -147,10 +157,13 @@ def test_without_math_verify_a_symbolic_reference_names_the_install(without_math
         REWARD_FUNCTIONS["accuracy"](["q"], ["\\boxed{1+x}"], answer=["x+1"])
 
 
-def test_without_math_verify_latex_answers_to_numbers_read_their_last_number(without_math_verify, caplog):
+def test_without_math_verify_latex_answers_to_numbers_are_not_credited(without_math_verify, caplog):
+    # Read by their last number, sqrt(2), 5^2 and 2 pi would all "equal" 2: a reward the policy could farm.
     accuracy = REWARD_FUNCTIONS["accuracy"]
+    completions = ["\\boxed{2^{10}}", "\\boxed{2^{10}}", "\\boxed{\\sqrt{2}}", "\\boxed{5^2}", "\\boxed{2\\pi}", "\\boxed{2}"]
     with caplog.at_level(logging.WARNING, logger="llmrl.rewards"):
-        assert accuracy(["q", "q"], ["\\boxed{2^{10}}", "\\boxed{2^{10}}"], answer=["1024", "10"]) == [0.0, 1.0]
+        scores = accuracy(["q"] * 6, completions, answer=["1024", "10", "2", "2", "2", "2"])
+    assert scores == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     assert caplog.text.count("pip install 'llmrl[math]'") == 1  # warned once, not per completion
 
 
@@ -410,4 +423,5 @@ def test_tiny_recipe_computes_and_logs_every_reward(tiny_model_dir, tmp_path, mo
     for record in steps:
         for name in names:
             assert math.isfinite(record[f"rewards/{name}"]), (name, record)
+        assert -1.0 <= record["rewards/overlong_penalty"] <= 0.0  # DAPO's shaping, logged beside the functions
         assert math.isfinite(record["reward"])

@@ -1,4 +1,5 @@
-"""Offline preference losses (DPO and its neighbours), as TRL's ``DPOTrainer`` defines them.
+"""Offline preference losses (DPO and its neighbours), as TRL's ``DPOTrainer`` defines them, but
+for ``sigmoid`` with label smoothing: TRL 1.16 ignores ``label_smoothing`` there, we apply it (cDPO).
 
 Every loss here is a function of the preference margin alone,
 ``h = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r))``, so ``PREFERENCE_LOSSES``
@@ -18,6 +19,11 @@ def sigmoid(margin: torch.Tensor, *, beta: float, label_smoothing: float) -> tor
     """DPO (Rafailov et al. 2023, arXiv 2305.18290), conservative with label smoothing (cDPO):
 
     ``-(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)``.
+
+    At ``ls = 0`` this is TRL's ``sigmoid``. TRL 1.16 ignores ``label_smoothing`` for ``sigmoid``
+    (it applies it only to robust and the pair losses); we take it as the cDPO smoothing that the
+    DPO authors' code and earlier TRL releases used, so a recipe's ``label_smoothing`` is never
+    silently ignored.
     """
     return -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(
         -beta * margin

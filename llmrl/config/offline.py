@@ -14,7 +14,11 @@ class DPOConfig(TrainConfig):
     algorithm: str = field(default="dpo", metadata=_help("Always 'dpo' for this trainer."))
     loss_type: str = field(default="sigmoid", metadata=_help("Preference loss: sigmoid (DPO), ipo, hinge or robust."))
     beta: float = field(default=0.1, metadata=_help("Strength of the implicit KL to the reference."))
-    label_smoothing: float = field(default=0.0, metadata=_help("Probability that a label is flipped (robust / cDPO)."))
+    label_smoothing: float = field(
+        default=0.0,
+        metadata=_help("Probability that a label is flipped: robust DPO, and cDPO for sigmoid (which TRL 1.16 does not "
+                       "smooth); ipo and hinge ignore it."),
+    )
     precompute_ref_log_probs: bool = field(
         default=False, metadata=_help("Compute the reference log-probs once before training, then free the reference.")
     )

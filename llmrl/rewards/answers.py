@@ -35,40 +35,50 @@ def completion_text(completion) -> str:
 
 NUMBER = re.compile(
     r"(?:(?<![\w.])[-−])?"  # a sign, unless it is a hyphen ("5-3", "2024-01")
-    r"(?:\\[dt]?frac\{\d+\}\{\d+\}"  # \frac{7}{2}
-    r"|(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?)(?:\\?%)?"  # 1,000 | 12.5 | 1/2; then 25%
+    r"(?:\\[dt]?frac(?:\{\d+\}\{\d+\}|\d\d)"  # \frac{7}{2}, \frac12
+    r"|(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:/\d+)?)(?:\\?%)?"  # 1,000 | 12.5 | 1e3 | 1/2; 25%
     r"|(?<![\w.])[-−]?\.\d+"  # .5
 )
 ANSWER_MODES = ("auto", "boxed", "answer_tag", "last_number")
 PERCENT_MODES = ("number", "fraction", "either")
 
 # A \frac right after a digit is a mixed number ("1\frac{1}{2}"), left to the symbolic check.
-_FRAC = re.compile(r"(?<!\d)\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+_FRAC = re.compile(r"(?<!\d)\\[dt]?frac(?:\{([^{}]*)\}\{([^{}]*)\}|(\d)(\d))")  # \frac{1}{2}, \frac12
 _UNIT_TEXT = re.compile(r"\\(?:text|textrm|textbf|mathrm|mbox)\s*\{[^{}]*\}")  # 5\text{ cm}
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
 _ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*")  # x = 5
 _TRAILING_WORDS = re.compile(r"(?<=[\d.%])\s*[A-Za-z][A-Za-z\s.]*(?:\^\{?\d\}?)?\s*$")  # 5 apples, 3 m^2
 _PERCENT = re.compile(r"\s*\\?%$")
-_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:/(?:\d+\.?\d*|\.\d+))?")
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?:/(?:\d+\.?\d*|\.\d+))?")
 _LATEX = re.compile(r"\\[A-Za-z]|\^|\{")  # a prediction that may be an expression rather than prose
 _MATH = re.compile(r"[\\^_{}=+*/()\[\]<>\d-]")  # a reference that is mathematics rather than a word
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last closed ``\\boxed{...}``, braces balanced; None if there is none."""
-    starts = [m.end() for m in re.finditer(r"\\boxed\{", text)]
-    for begin in reversed(starts):
+def _last_boxed_span(text: str) -> tuple[str, int, int] | None:
+    """(content, start, end) of the last closed ``\\boxed{...}``, braces balanced; None if there is none."""
+    for match in reversed(list(re.finditer(r"\\boxed\{", text))):
         depth = 0
-        for i in range(begin, len(text)):
+        for i in range(match.end(), len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth < 0:
-                return text[begin:i].strip()
+                return text[match.end():i].strip(), match.start(), i + 1
     return None
 
 
+def _last_boxed(text: str) -> str | None:
+    """Content of the last closed ``\\boxed{...}``, braces balanced; None if there is none."""
+    span = _last_boxed_span(text)
+    return span[0] if span else None
+
+
+def _last_tagged_span(text: str, tag: str) -> tuple[str, int, int] | None:
+    found = list(re.finditer(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", text, flags=re.DOTALL))
+    return (found[-1][1].strip(), found[-1].start(), found[-1].end()) if found else None
+
+
 def _last_tagged(text: str, tag: str) -> str | None:
-    found = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", text, flags=re.DOTALL)
-    return found[-1].strip() if found else None
+    span = _last_tagged_span(text, tag)
+    return span[0] if span else None
 
 
 def _last_number(text: str) -> str | None:
@@ -76,26 +86,39 @@ def _last_number(text: str) -> str | None:
     return found[-1] if found else None
 
 
+def _final_marked(text: str, tag: str) -> str | None:
+    """``auto``'s answer: whichever of the last ``\\boxed{}`` and the last answer tag is written
+    last (a box inside the tag is the tag's answer, unboxed); None if neither is there. A box
+    tried out inside ``<think>`` must not outrank the ``<answer>`` given after it."""
+    boxed, tagged = _last_boxed_span(text), _last_tagged_span(text, tag)
+    if boxed is None or tagged is None:
+        return (boxed or tagged or (None,))[0]
+    if tagged[1] <= boxed[1] and boxed[2] <= tagged[2]:  # <answer>\boxed{5}</answer>
+        return boxed[0]
+    return boxed[0] if boxed[2] > tagged[2] else tagged[0]
+
+
 def extract_answer(text: str, mode: str = "auto", tag: str = "answer") -> str | None:
     """The final answer in `text`, or None when there is none.
 
     ``extract_answer("so \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"``. Modes: ``boxed`` (the last
     brace-balanced ``\\boxed{...}``), ``answer_tag`` (the last ``<tag>...</tag>``), ``last_number``
-    (the last number: ``-3``, ``1,000``, ``2.5``, ``1/2``, ``\\frac{7}{2}``, ``25%``), and ``auto``: boxed if present, else the
-    tag if present, else the last number.
+    (the last number: ``-3``, ``1,000``, ``2.5``, ``1e3``, ``1/2``, ``\\frac{7}{2}``, ``25%``), and
+    ``auto``: of the last box and the last tag, the one written last (a box inside the tag counts
+    as the tag's answer), else the last number.
     """
     extractors = {
         "boxed": _last_boxed,
         "answer_tag": lambda t: _last_tagged(t, tag),
         "last_number": _last_number,
+        "auto": lambda t: _final_marked(t, tag),
     }
-    if mode not in extractors and mode != "auto":
+    if mode not in extractors:
         raise ValueError(f"extract_answer mode {mode!r} is not valid; choose one of {list(ANSWER_MODES)}.")
-    for name in extractors if mode == "auto" else [mode]:
-        answer = extractors[name](text)
-        if answer is not None:
-            return answer
-    return None
+    answer = extractors[mode](text)
+    if answer is None and mode == "auto":
+        answer = _last_number(text)
+    return answer
 
 
 def reference_answer(reference) -> str:
@@ -123,7 +146,7 @@ def parse_number(text: str, percent: str = "number") -> float | None:
         raise ValueError(f"parse_number percent={percent!r} must be 'number' or 'fraction'.")
     text = str(text).replace("−", "-").replace("{,}", ",")
     text = _DEGREES.sub("", _UNIT_TEXT.sub(" ", text))
-    text = _FRAC.sub(r"(\1)/(\2)", text)
+    text = _FRAC.sub(lambda m: f"({m[3] if m[1] is None else m[1]})/({m[4] if m[2] is None else m[2]})", text)
     # "5 6" must not read as 56: only the spaces around a fraction bar go.
     text = re.sub(r"\\?\$|\\[!,;: ]|\\left|\\right|[()]", "", text)
     text = re.sub(r"\s*/\s*", "/", text).strip()
@@ -164,7 +187,8 @@ def answers_match(predicted: str | None, reference, percent: str = "number") -> 
     - a numeric reference is compared numerically with the prediction (:func:`parse_number`): two
       whole numbers exactly, anything else within a relative tolerance of 1e-6. A prediction that is
       prose ("She has 5 apples") is read by its last number; one that is LaTeX but not a number
-      (``2^{10}``, ``\\sqrt{4}``) goes to math-verify when it is installed, else to its last number.
+      (``2^{10}``, ``\\sqrt{4}``) goes to math-verify; without it, it does not match (its last
+      number would credit ``\\sqrt{2}`` for 2: a false reward is worse for RL than a missed one).
       `percent` reads a trailing % on either side as the number itself ("number", the default:
       GSM8K asks "what percent" and answers 25), as a fraction ("fraction": 25% = 0.25), or both ("either").
     - any other reference equal to the prediction after whitespace normalisation (case-sensitive; a
@@ -181,8 +205,8 @@ def answers_match(predicted: str | None, reference, percent: str = "number") -> 
     expected = _readings(reference, percent)
     if expected:
         got = _readings(predicted, percent)
-        if not got and _LATEX.search(predicted) and _math_verify(needed_for=None) is not None:
-            return symbolic_equal(predicted, reference)
+        if not got and _LATEX.search(predicted):
+            return _math_verify(needed_for=None) is not None and symbolic_equal(predicted, reference)
         if not got:
             last = _last_number(predicted)
             got = _readings(last, percent) if last is not None else []
@@ -220,8 +244,8 @@ def _math_verify(needed_for: tuple[str, str] | None):
             "which uses HF's math-verify package. Install it with: pip install 'llmrl[math]'"
         )
     if not _warned_missing:
-        logger.warning("math-verify is not installed, so LaTeX answers to numeric references (2^{10}, \\sqrt{4}) are "
-                       "read by their last number; pip install 'llmrl[math]' to compare them symbolically.")
+        logger.warning("math-verify is not installed, so LaTeX answers to numeric references that are not plain numbers "
+                       "(2^{10}, \\sqrt{4}) count as wrong; pip install 'llmrl[math]' to compare them symbolically.")
         _warned_missing = True
     return None
 

@@ -46,7 +46,7 @@ def _correctness(reward: str, factory: str, completions, columns: dict, answer_c
             f"with {factory}(answer_column=...) naming the column that holds the answers."
         )
     return [
-        None if reference is None
+        None if reference is None or reference != reference  # None or NaN (a blank cell read by pandas)
         else answers_match(extract_answer(completion_text(c), mode, answer_tag), reference, percent)
         for c, reference in zip(completions, columns[answer_column])
     ]
@@ -147,7 +147,7 @@ def make_xml_count_reward(
         scores = []
         for completion in completions:
             text = completion_text(completion)
-            score = sum(per_tag for piece in pieces if text.count(piece) == 1)
+            score = sum((per_tag for piece in pieces if text.count(piece) == 1), 0.0)
             if text.count(closing) == 1:
                 score -= trailing_penalty * len(text.rpartition(closing)[2].strip())
             scores.append(score)
@@ -234,7 +234,7 @@ def make_repetition_penalty_reward(ngram_size: int = 3, max_penalty: float = -1.
         for completion in completions:
             words = completion_text(completion).lower().split()
             ngrams = [tuple(words[i : i + ngram_size]) for i in range(len(words) - ngram_size + 1)]
-            rewards.append(max_penalty * (1 - len(set(ngrams)) / len(ngrams)) if ngrams else 0.0)
+            rewards.append(max_penalty * (1 - len(set(ngrams)) / len(ngrams)) + 0.0 if ngrams else 0.0)  # + 0.0: no -0.0
         return rewards
 
     return repetition_penalty

@@ -160,8 +160,10 @@ class RLTrainer:
         metrics = {f"rewards/{name}": mean for name, mean in result.means.items()}
         if args.overlong_penalty_factor > 0:
             lengths = torch.where(rollout.truncated, args.max_completion_length + 1, rollout.completion_lengths)
-            total = total + overlong_penalty(lengths, args.max_completion_length, args.overlong_buffer_len,
-                                             args.overlong_penalty_factor).to(total.device)
+            penalty = overlong_penalty(lengths, args.max_completion_length, args.overlong_buffer_len,
+                                       args.overlong_penalty_factor).to(total.device)
+            total = total + penalty
+            metrics["rewards/overlong_penalty"] = penalty.mean().item()
         if args.missing_eos_penalty:
             total = total - args.missing_eos_penalty * rollout.truncated.float()
         samples = sample_rows(prompts, completions, columns, result,
