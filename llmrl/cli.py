@@ -114,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from llmrl.data import DataError
     from llmrl.recipe import RecipeError
+    from llmrl.rewards import RewardFunctionError, RewardSpecError
 
     try:
         return COMMANDS[command](rest)
-    except (RecipeError, DataError) as err:
+    except (RecipeError, DataError, RewardSpecError, RewardFunctionError) as err:
         print(f"llmrl: error: {err}", file=sys.stderr)
         return 2
     except NotImplementedError as err:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from llmrl.data import PROMPT_COLUMNS, PromptCollator, require_columns
 from llmrl.rewards import RewardResult, score_completions
-from llmrl.rollout import Rollout, generate_completions
+from llmrl.rollout import Rollout, generate_completions, stop_token_ids
 
 
 def score_rollout(rollout: Rollout, batch: dict, tokenizer, reward_funcs, reward_weights=None,
@@ -62,20 +62,34 @@ def evaluate_policy(model, tokenizer, dataset, reward_funcs, *, reward_weights=N
     the rows the function applied to), `accuracy` (= rewards/accuracy when that function is used),
     `completions/mean_length`, `completions/truncated_ratio`, `num_samples`."""
     require_columns(dataset, PROMPT_COLUMNS, "eval_dataset")
-    if accelerator is not None and accelerator.num_processes > 1:
-        dataset = dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+    collate = PromptCollator(tokenizer, max_prompt_length)
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    shard = dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True) if distributed else dataset
     device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=PromptCollator(tokenizer, max_prompt_length))
+    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate)
+    # Decoding is collective (every process steps until all rows everywhere are done), so every
+    # process runs as many batches as the largest shard: a shorter shard decodes a stand-in
+    # prompt, whose completion is thrown away, rather than leave the others waiting.
+    num_batches = len(loader)
+    if distributed:
+        num_batches = int(accelerator.reduce(torch.tensor(num_batches, device=accelerator.device), "max"))
+    batches = iter(loader)
     names = [name for name, _ in reward_funcs]
     # Sums then counts: total reward, each function, length, truncated.
     sums = torch.zeros(2 * (len(names) + 1) + 3, dtype=torch.float64)
     rows = []
-    for batch in loader:
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        stand_in = batch is None
+        if stand_in:
+            batch = collate([dataset[0]])
         rollout = generate_completions(
             model, batch["input_ids"].to(device), batch["attention_mask"].to(device), num_generations=1,
-            max_completion_length=max_completion_length, eos_token_id=tokenizer.eos_token_id,
+            max_completion_length=max_completion_length, eos_token_id=stop_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k,
             do_sample=do_sample).to("cpu")
+        if stand_in:
+            continue
         prompts, completions, columns, result = score_rollout(rollout, batch, tokenizer, reward_funcs, reward_weights)
         scores = torch.cat([result.total[:, None], result.rewards], dim=1).double()
         applied = ~torch.isnan(scores)
@@ -87,7 +101,7 @@ def evaluate_policy(model, tokenizer, dataset, reward_funcs, *, reward_weights=N
         rows += sample_rows(prompts, completions, columns, result,
                             {"completion_length": rollout.completion_lengths.tolist(),
                              "truncated": rollout.truncated.tolist()})
-    if accelerator is not None and accelerator.num_processes > 1:
+    if distributed:
         sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     count = max(float(sums[-1]), 1.0)
     means = [float(s / c) if c > 0 else float("nan")

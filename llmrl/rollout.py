@@ -73,6 +73,16 @@ def _eos_ids(eos_token_id) -> list[int]:
     return list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS and every `eos_token_id` of the model's
+    generation config. Chat models often stop on an end-of-turn token their tokenizer does not call
+    EOS (Llama-3's <|eot_id|>, Qwen's <|im_end|> in base tokenizers): missing it, completions would
+    run on past the reply and count as truncated."""
+    config = getattr(model, "generation_config", None)
+    ids = [tokenizer.eos_token_id, *_eos_ids(getattr(config, "eos_token_id", None))]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def completion_mask(completion_ids: torch.Tensor, eos_token_id) -> tuple[torch.Tensor, torch.Tensor]:
     """`(mask [N, C] float, truncated [N] bool)` of generated ids: 1.0 up to and including the first
     EOS (`eos_token_id` an id or a list of ids), 0.0 after it; truncated rows have no EOS at all."""

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 LLMRL = Path(sys.executable).with_name("llmrl")
@@ -56,6 +57,23 @@ def test_user_errors_are_one_clear_line_not_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "Unknown field 'num_generation'" in result.stderr and "num_generations" in result.stderr
+
+
+@pytest.mark.parametrize("reward, message", [
+    ("nosuchmodule_xyz:brevity", "could not import module 'nosuchmodule_xyz'"),
+    ("accuracy", "needs the dataset column 'answer'"),  # raised by the reward function during the first step
+])
+def test_reward_errors_at_run_time_are_one_clear_line(tiny_model_dir, tmp_path, reward, message):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "1+1="}\n' * 4)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "algorithm": "grpo", "model_name_or_path": tiny_model_dir, "dataset_name": str(data), "reward_funcs": [reward],
+        "num_generations": 2, "per_device_train_batch_size": 4, "max_completion_length": 4, "max_steps": 1,
+        "output_dir": str(tmp_path / "out")}))
+    result = run("train", str(recipe))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr
 
 
 def test_unknown_command():

@@ -89,6 +89,14 @@ def test_dynamic_sampling_drops_flat_groups_and_generates_until_full(tiny_model_
     assert metrics["dynamic_sampling/kept_ratio"] == 0.5
 
 
+def test_kept_ratio_counts_every_kept_row_before_the_cut_to_the_rollout(tiny_model_dir, tmp_path):
+    trainer = dapo_trainer(tiny_model_dir, tmp_path, flat_dataset(1, 3), max_gen_batches=5)
+    metrics = trainer.train()[0]
+    # Each batch keeps 3 live groups (12 rows): two batches keep 24 of 32, the rollout takes 16.
+    assert metrics["dynamic_sampling/gen_batches"] == 2 and metrics["dynamic_sampling/kept_rows"] == 16
+    assert metrics["dynamic_sampling/kept_ratio"] == 0.75
+
+
 def test_max_gen_batches_bounds_generation_and_trains_on_what_was_kept(tiny_model_dir, tmp_path):
     trainer = dapo_trainer(tiny_model_dir, tmp_path, flat_dataset(2, 2), max_gen_batches=1)
     before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -105,6 +113,46 @@ def test_nothing_kept_skips_the_update_with_a_warning(tiny_model_dir, tmp_path, 
     assert metrics["skipped"] == 1.0 and metrics["dynamic_sampling/gen_batches"] == 3
     assert "no completion was kept" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_rewards_that_never_apply_skip_the_update_and_say_so(tiny_model_dir, tmp_path, caplog):
+    def never(prompts, completions, **kwargs):
+        return [None] * len(completions)
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, reward_funcs=[never], max_steps=1)
+    with caplog.at_level("WARNING"):
+        metrics = trainer.train()[0]
+    assert metrics["skipped"] == 1.0 and metrics["rewards/scorable_rows"] == 0
+    assert "returned None (not applicable) for every completion" in caplog.text
+
+
+def test_truncated_completions_get_the_overlong_punishment(tiny_model_dir, tmp_path):
+    """DAPO's soft punishment in the trainer: a completion cut at max_completion_length (no EOS) is
+    beyond the limit, so its shaped reward is its reward minus the whole factor."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, algorithm="dapo", max_steps=1, log_completions_steps=1,
+                           overlong_penalty_factor=0.5, overlong_buffer_len=4)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    truncated = [row for row in rows if row["truncated"]]
+    assert truncated, "an untrained model should run past 8 tokens on some completions"
+    for row in truncated:
+        assert row["shaped_reward"] == pytest.approx(row["reward"] - 0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("num_iterations, beta, passes", [(1, 0.0, 0), (2, 0.0, 1), (1, 0.04, 1)])
+def test_old_logprobs_cost_a_pass_only_when_off_policy_or_for_the_reference(tiny_model_dir, tmp_path,
+                                                                            num_iterations, beta, passes):
+    """Exactly on-policy (one iteration, one mini-batch) the old logprobs are the detached current
+    ones: no logprob pass before the update. A second iteration needs them (one pass); a KL term
+    needs the reference's (one pass, on the reference)."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=num_iterations, num_iterations=num_iterations,
+                           beta=beta)
+    calls = []
+    original = trainer._logprobs_no_grad
+    trainer._logprobs_no_grad = lambda model, rollout: calls.append(model) or original(model, rollout)
+    metrics = trainer.train()[0]
+    assert len(calls) == passes
+    assert metrics["completions/max_length"] <= 8 and metrics["rewards/digit_fraction_std"] > 0
 
 
 def test_the_default_metric_is_the_shaped_total(tiny_model_dir, tmp_path):
@@ -218,9 +266,12 @@ def char_code_reward(prompts, completions, **kwargs):
 def run_recipe(tmp_path, tiny_model_dir, name, processes, batch_size):
     """One optimizer step of REINFORCE++ (global whitening: statistics across processes) with
     deterministic generation (top_k 1), so 1 and 2 processes see the same completions, then a
-    greedy evaluation of the 16 prompts. Returns the trained model and the eval record."""
-    data = tmp_path / "prompts.jsonl"
+    greedy evaluation of 17 prompts: shards of 9 and 8 at batch size 4 are 3 and 2 batches, and
+    the process with fewer must still take part in every collective decoding step. Returns the
+    trained model and the eval record."""
+    data, eval_data = tmp_path / "prompts.jsonl", tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} plus {i} is"}) + "\n" for i in range(16)))
+    eval_data.write_text("".join(json.dumps({"prompt": f"{i} minus {i} is"}) + "\n" for i in range(17)))
     (tmp_path / "rewardmod.py").write_text(REWARD_MODULE)
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -228,7 +279,7 @@ def run_recipe(tmp_path, tiny_model_dir, name, processes, batch_size):
         "reward_funcs": ["rewardmod:char_code_reward"], "num_generations": 1, "top_k": 1,
         "per_device_train_batch_size": batch_size, "max_completion_length": 8, "max_steps": 1,
         "learning_rate": 1e-3, "max_grad_norm": 0.0, "output_dir": str(tmp_path / name), "seed": 3,
-        "eval_dataset_name": str(data), "per_device_eval_batch_size": 5}))
+        "eval_dataset_name": str(eval_data), "per_device_eval_batch_size": 4}))
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
     launch += ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
@@ -247,7 +298,7 @@ def test_two_processes_give_the_one_process_update(sharp_model_dir, tmp_path):
     one, eval_one = run_recipe(tmp_path, model_dir, "one", processes=1, batch_size=16)
     two, eval_two = run_recipe(tmp_path, model_dir, "two", processes=2, batch_size=8)
     # Each process scores half of the eval prompts; the logged metrics are over all of them.
-    assert eval_two["eval/num_samples"] == eval_one["eval/num_samples"] == 16
+    assert eval_two["eval/num_samples"] == eval_one["eval/num_samples"] == 17
     assert eval_two["eval/reward"] == pytest.approx(eval_one["eval/reward"], abs=1e-6)
     moved = 0.0
     for (name, p0), p1, p2 in zip(start.named_parameters(), one.parameters(), two.parameters()):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from llmrl.rewards import (
     REWARD_FUNCTIONS,
     RewardFunctionError,
+    RewardSpecError,
     extract_answer,
     make_accuracy_reward,
     make_format_reward,
@@ -221,12 +222,12 @@ def test_resolve_builtins_user_functions_and_callables(user_module):
 @pytest.mark.parametrize(
     "spec, error, pattern",
     [
-        ("acuracy", ValueError, r"'acuracy'.*Did you mean 'accuracy'.*'format'.*package\.module:function"),
-        ("my_rewards.brevity", ValueError, r"write 'my_rewards:brevity'"),
-        ("no_such_module_xyz:f", ValueError, r"module 'no_such_module_xyz'.*PYTHONPATH"),
-        ("my_rewards:brevty", ValueError, r"no function 'brevty'; it defines \['brevity'\]"),
-        ("my_rewards:THRESHOLD", TypeError, r"'my_rewards:THRESHOLD' is a int, not a function"),
-        (3, TypeError, r"3 must be a built-in name"),
+        ("acuracy", RewardSpecError, r"'acuracy'.*Did you mean 'accuracy'.*'format'.*package\.module:function"),
+        ("my_rewards.brevity", RewardSpecError, r"write 'my_rewards:brevity'"),
+        ("no_such_module_xyz:f", RewardSpecError, r"module 'no_such_module_xyz'.*PYTHONPATH"),
+        ("my_rewards:brevty", RewardSpecError, r"no function 'brevty'; it defines \['brevity'\]"),
+        ("my_rewards:THRESHOLD", RewardSpecError, r"'my_rewards:THRESHOLD' is a int, not a function"),
+        (3, RewardSpecError, r"3 must be a built-in name"),
     ],
 )
 def test_resolve_errors_name_the_entry_and_the_fix(user_module, spec, error, pattern):

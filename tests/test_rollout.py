@@ -12,6 +12,7 @@ from llmrl.rollout import (
     generate_completions,
     informative_groups,
     sample_tokens,
+    stop_token_ids,
 )
 
 EOS = 1
@@ -150,3 +151,16 @@ def test_top_k_zero_samples_the_whole_vocabulary(tiny):
     torch.manual_seed(0)
     rollout = rollout_for(tiny, ["x"], num_generations=400, max_completion_length=1, top_k=0)
     assert rollout.completion_ids[:, 0].unique().numel() > 60
+
+
+def test_completions_stop_at_any_end_of_turn_id_the_model_declares(tiny_model_dir):
+    """A chat model may end its turn with a token its tokenizer does not call EOS (Llama-3's
+    <|eot_id|>): the generation config's ids stop completions too."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id, 7]
+    model.generation_config.eos_token_id = None
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    mask, truncated = completion_mask(torch.tensor([[5, 7, 9], [5, 6, 9]]), [tokenizer.eos_token_id, 7])
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]] and truncated.tolist() == [False, True]

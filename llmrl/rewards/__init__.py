@@ -30,6 +30,7 @@ from .answers import (
 )
 from .builtins import (
     REWARD_FUNCTIONS,
+    RewardSpecError,
     make_length_reward,
     resolve_reward_func,
     resolve_reward_funcs,
@@ -58,6 +59,7 @@ __all__ = [
     "REWARD_FUNCTIONS",
     "RewardFunctionError",
     "RewardResult",
+    "RewardSpecError",
     "answers_match",
     "completion_text",
     "extract_answer",

@@ -75,13 +75,18 @@ REWARD_FUNCTIONS: dict[str, RewardFunc] = {
 # ---- Resolving recipe entries --------------------
 
 
+class RewardSpecError(ValueError):
+    """A recipe's reward function cannot be found: an unknown name, a module that does not import,
+    or a missing attribute."""
+
+
 def _import_function(spec: str) -> RewardFunc:
     """``"package.module:function"`` -> the function, with errors that say which half failed."""
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as err:
-        raise ValueError(
+        raise RewardSpecError(
             f"reward function {spec!r}: could not import module {module_name!r} ({type(err).__name__}: {err}). "
             "Check the spelling, and that its folder is on PYTHONPATH (or the package is installed)."
         ) from err
@@ -90,7 +95,7 @@ def _import_function(spec: str) -> RewardFunc:
             name for name, value in vars(module).items()
             if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == module_name
         )
-        raise ValueError(
+        raise RewardSpecError(
             f"reward function {spec!r}: module {module_name!r} has no function {attribute!r}; "
             f"it defines {defined or 'no public functions'}."
         )
@@ -106,11 +111,11 @@ def resolve_reward_func(spec) -> tuple[str, RewardFunc]:
     if callable(spec):
         return getattr(spec, "__name__", type(spec).__name__), spec
     if not isinstance(spec, str):
-        raise TypeError(f"reward function {spec!r} must be a built-in name, 'package.module:function' or a callable.")
+        raise RewardSpecError(f"reward function {spec!r} must be a built-in name, 'package.module:function' or a callable.")
     if ":" in spec:
         fn = _import_function(spec)
         if not callable(fn):
-            raise TypeError(f"reward function {spec!r} is a {type(fn).__name__}, not a function.")
+            raise RewardSpecError(f"reward function {spec!r} is a {type(fn).__name__}, not a function.")
         return spec.rpartition(":")[2], fn
     if spec not in REWARD_FUNCTIONS:
         hint = closest_name(spec, REWARD_FUNCTIONS)
@@ -118,7 +123,7 @@ def resolve_reward_func(spec) -> tuple[str, RewardFunc]:
         if "." in spec:  # a dotted path without the colon: the user meant to import it
             module_name, _, attribute = spec.rpartition(".")
             hint = f" To import a function, write {module_name + ':' + attribute!r}."
-        raise ValueError(
+        raise RewardSpecError(
             f"unknown reward function {spec!r}.{hint} Built-ins: {sorted(REWARD_FUNCTIONS)}; "
             "a function of your own is named 'package.module:function'."
         )

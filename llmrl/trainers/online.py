@@ -53,6 +53,7 @@ from llmrl.rollout import (
     concat_rollouts,
     generate_completions,
     informative_groups,
+    stop_token_ids,
 )
 from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from llmrl.trainers.common import make_accelerator, replay_batches
@@ -151,13 +152,13 @@ class RLTrainer:
 
     def _score(self, batch: dict, rollout: Rollout):
         """`(total [N], per_function [N, F], metrics, samples)`: the weighted reward with overlong and
-        missing-EOS shaping, each function's rewards (NaN = not applicable), their means, and the
-        rows for completions.jsonl."""
+        missing-EOS shaping, each function's rewards (NaN = not applicable), the shaping's mean, and
+        the rows for completions.jsonl."""
         args = self.args
         prompts, completions, columns, result = score_rollout(rollout, batch, self.tokenizer, self.reward_funcs,
                                                               args.reward_weights, args.num_generations)
         total = result.total.to(rollout.completion_mask.device)
-        metrics = {f"rewards/{name}": mean for name, mean in result.means.items()}
+        metrics = {}
         if args.overlong_penalty_factor > 0:
             lengths = torch.where(rollout.truncated, args.max_completion_length + 1, rollout.completion_lengths)
             penalty = overlong_penalty(lengths, args.max_completion_length, args.overlong_buffer_len,
@@ -178,27 +179,24 @@ class RLTrainer:
         of each row [R] (0 on filler) and the rollout's metrics."""
         args = self.args
         unwrapped = self.accelerator.unwrap_model(self.model)
-        kept, kept_rewards, metrics = [], [], {}
+        stop_ids = stop_token_ids(unwrapped, self.tokenizer)
+        kept, kept_rewards, generated_rows, shaping = [], [], [], []
         generated = 0
         while True:
             self.batches_consumed, batch = next(batches)
             rollout = generate_completions(
                 unwrapped, batch["input_ids"], batch["attention_mask"], num_generations=args.num_generations,
-                max_completion_length=args.max_completion_length, eos_token_id=self.tokenizer.eos_token_id,
+                max_completion_length=args.max_completion_length, eos_token_id=stop_ids,
                 pad_token_id=self.tokenizer.pad_token_id, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k)
-            rewards, per_function, reward_metrics, samples = self._score(batch, rollout)
+            rewards, per_function, shaping_metrics, samples = self._score(batch, rollout)
             if generated == 0:
                 self.samples = samples
             rollout.group_ids = rollout.group_ids + generated * self.prompts_per_rollout  # unique per batch
             generated += 1
-            lengths = rollout.completion_lengths.float()
-            for key, value in {**reward_metrics, "reward": rewards.nanmean().item(),
-                               "reward_std": rewards[~rewards.isnan()].std().item(),
-                               "completions/mean_length": lengths.mean().item(),
-                               "completions/max_length": lengths.max().item(),
-                               "completions/truncated_ratio": rollout.truncated.float().mean().item()}.items():
-                metrics.setdefault(key, []).append(value)
+            generated_rows.append(torch.cat([rewards[:, None], per_function, rollout.completion_lengths[:, None].float(),
+                                             rollout.truncated[:, None].float()], dim=1))
+            shaping.append(shaping_metrics)
             keep = ~rewards.isnan()  # a row no reward function applied to is not a sample
             if args.dynamic_sampling:
                 metric = rewards if self._filter_column is None else per_function[:, self._filter_column]
@@ -213,14 +211,33 @@ class RLTrainer:
             if self.accelerator.reduce(torch.tensor(float(not done), device=self.accelerator.device), "sum") == 0:
                 break
         pad_id = self.tokenizer.pad_token_id
+        num_kept = sum(len(r) for r in kept_rewards)
         rewards = torch.cat(kept_rewards)[: self.rollout_size]
         rollout = concat_rollouts(kept, pad_id).select(slice(0, self.rollout_size)).pad_rows(
             self.rollout_size, filler, pad_id)
-        metrics = {key: sum(values) / len(values) for key, values in metrics.items()}
-        metrics["dynamic_sampling/kept_ratio"] = len(rewards) / (generated * self.rollout_size)
+        metrics = self._generation_metrics(torch.cat(generated_rows))
+        metrics.update({key: sum(m[key] for m in shaping) / len(shaping) for key in shaping[0]})
+        metrics["dynamic_sampling/kept_ratio"] = num_kept / (generated * self.rollout_size)  # before the cut to R
         metrics["dynamic_sampling/gen_batches"] = generated
         metrics["dynamic_sampling/kept_rows"] = len(rewards)
         return rollout, torch.nn.functional.pad(rewards, (0, self.rollout_size - len(rewards))), metrics
+
+    def _generation_metrics(self, rows: torch.Tensor) -> dict:
+        """Reward, per-function and length statistics over every completion generated for this
+        rollout by every process. `rows` [N, 1 + F + 2]: total reward, each function's reward (NaN
+        = not applicable), length, truncated. Gathered first, so the std and max are the whole
+        batch's, not an average of each process's."""
+        rows = self.accelerator.gather(rows.to(self.accelerator.device)).cpu().double()
+        names = ["reward", *(f"rewards/{name}" for name, _ in self.reward_funcs)]
+        metrics = {"rewards/scorable_rows": int((~rows[:, 0].isnan()).sum())}
+        for column, name in enumerate(names):
+            values = rows[:, column][~rows[:, column].isnan()]
+            metrics[name] = values.mean().item() if len(values) else float("nan")
+            metrics[f"{name}_std" if column else "reward_std"] = values.std().item() if len(values) > 1 else float("nan")
+        lengths, truncated = rows[:, -2], rows[:, -1]
+        metrics.update({"completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
+                        "completions/truncated_ratio": truncated.mean().item()})
+        return metrics
 
     # ---- logprobs and advantages ----------------------------------------------------------
 
@@ -313,15 +330,18 @@ class RLTrainer:
         rewards = rewards.to(self.accelerator.device)
         updates = args.num_iterations * args.num_mini_batches
         if self._step_counts(rollout.completion_mask)[1] == 0:
-            logger.warning(
-                "step %d: no completion was kept (every group's rewards were equal in %d generated batches); "
-                "skipping this update. Raise max_gen_batches or num_generations, or check the reward functions.",
-                self.global_step, metrics["dynamic_sampling/gen_batches"])
-            for _ in range(updates):  # the schedule follows the step count, skipped steps included
-                self.scheduler.step()
-                if self.critic is not None:
-                    self.critic.scheduler.step()
-            self.global_step += updates
+            if metrics["rewards/scorable_rows"] == 0:
+                logger.warning(
+                    "step %d: every reward function returned None (not applicable) for every completion, so "
+                    "nothing can be learned; skipping this update. Check that the reward functions apply to "
+                    "this dataset's rows (their columns, e.g. 'answer').", self.global_step)
+            else:
+                logger.warning(
+                    "step %d: no completion was kept (every group's rewards were equal in %d generated batches); "
+                    "skipping this update. Raise max_gen_batches or num_generations, or check the reward functions.",
+                    self.global_step, metrics["dynamic_sampling/gen_batches"])
+            for _ in range(updates):
+                self._skip_update()
             return {**metrics, "skipped": 1.0}
         on_policy = args.num_iterations == 1 and args.num_mini_batches == 1
         # Exactly on-policy, the old logprobs are the detached current ones (no extra pass), unless
@@ -350,6 +370,9 @@ class RLTrainer:
             for mb in range(args.num_mini_batches):
                 rows = order[mb * size * accum:(mb + 1) * size * accum]
                 counts = self._step_counts(rollout.completion_mask[rows])
+                if counts[1] == 0:  # only filler rows (dynamic sampling fell short): AdamW's momentum and
+                    self._skip_update()  # weight decay would still move the weights with no data
+                    continue
                 for k in range(accum):
                     micro = rows[k * size:(k + 1) * size]
                     # DDP averages gradients over processes; the loss is already a share of the
@@ -378,11 +401,22 @@ class RLTrainer:
                     for key, value in self.critic.step().items():
                         step_metrics.setdefault(key, []).append(value)
                 self.global_step += 1
-        metrics.update(self._means(step_metrics))
+        if step_metrics:
+            metrics.update(self._means(step_metrics))
+        real = rollout.attention_mask * (rollout.completion_mask.sum(-1, keepdim=True) > 0)  # filler rows aside
+        tokens = self.accelerator.reduce(real.sum().float(), "sum")  # every process's prompts and completions
         elapsed = time.perf_counter() - start
         metrics["step_time"] = elapsed
-        metrics["tokens_per_second"] = float(rollout.attention_mask.sum()) / elapsed
+        metrics["tokens_per_second"] = float(tokens) / elapsed
         return metrics
+
+    def _skip_update(self):
+        """An optimizer step with nothing to learn from: the weights stay, the step count and the
+        schedule (which follows it) move on."""
+        self.scheduler.step()
+        if self.critic is not None:
+            self.critic.scheduler.step()
+        self.global_step += 1
 
     def _crosses(self, every: int, before: int) -> bool:
         """Did the last rollout's updates (steps before+1 .. global_step) reach a multiple of `every`?"""
