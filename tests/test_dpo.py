@@ -381,3 +381,15 @@ def test_a_policy_with_a_trained_adapter_keeps_that_adapter_in_its_reference(tin
         start, reference = (answer_logps(m, batch)[0] for m in (trainer.accelerator.unwrap_model(trainer.model),
                                                                  trainer.reference))
     torch.testing.assert_close(reference, start, atol=1e-5, rtol=0)  # the adapter included
+
+
+@pytest.mark.parametrize("name", ["dpo_lora", "dpo_qlora_8gb"])
+def test_gpu_recipes_resolve_to_lora_dpo(name):
+    """The Qwen2.5-0.5B DPO recipes: LoRA (the reference is the base with the adapter off), the 8 GB
+    one on 4-bit NF4 weights, both with a held-out split for the eval loop."""
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "qwen2.5-0.5b" / f"{name}.yaml")
+    assert isinstance(recipe.args, DPOConfig) and recipe.model.use_peft
+    assert (recipe.args.loss_type, recipe.args.beta) == ("sigmoid", 0.1) and recipe.data.dataset_test_split == "test"
+    assert recipe.model.load_in_4bit == (name == "dpo_qlora_8gb")
+    if recipe.model.load_in_4bit:
+        assert recipe.model.bnb_4bit_quant_type == "nf4" and recipe.args.per_device_train_batch_size <= 2

@@ -262,3 +262,11 @@ def test_gpu_recipe_reaches_the_trainer():
     assert (hf.learning_rate, hf.per_device_train_batch_size, hf.gradient_accumulation_steps) == (2e-4, 4, 8)
     assert hf.max_length == 1024 and hf.gradient_checkpointing
     assert hf.bf16 == torch.cuda.is_available()  # bfloat16 weights: bf16 autocast on a GPU, never on a CPU
+
+
+def test_qlora_recipe_for_an_8gb_gpu_resolves():
+    recipe = load_recipe(ROOT / "recipes" / "qwen2.5-0.5b" / "sft_qlora_8gb.yaml")
+    assert isinstance(recipe.args, SFTConfig) and recipe.model.use_peft and recipe.model.load_in_4bit
+    assert recipe.model.bnb_4bit_quant_type == "nf4" and recipe.model.gradient_checkpointing
+    hf = training_arguments(recipe.args, recipe.model, trl.SFTConfig, has_eval_data=True, max_length=recipe.args.max_length)
+    assert (hf.per_device_train_batch_size, hf.gradient_accumulation_steps, hf.eval_steps) == (2, 16, 200)
