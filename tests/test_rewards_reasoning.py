@@ -78,6 +78,9 @@ def both_forms(fn, completion, **columns) -> float | None:
         ("<answer>1.5e-3</answer>", "0.0015", 1.0),
         ("\\boxed{\\dfrac12}", "0.5", 1.0),  # a brace-less \frac of two digits
         ("\\boxed{\\dfrac12}", "12", 0.0),
+        ("\\boxed{\\mathbf{12}}", "12", 1.0),  # a font command or braces around a number
+        ("\\boxed{\\text{12}}", "12", 1.0),
+        ("\\boxed{{12}}", "12", 1.0),
         # A box tried inside <think> does not outrank the <answer> given after it ...
         ("<think>\nmaybe \\boxed{42}?\n</think>\n<answer>\n43\n</answer>", "42", 0.0),
         ("<think>\nmaybe \\boxed{42}?\n</think>\n<answer>\n43\n</answer>", "43", 1.0),
@@ -150,6 +153,7 @@ def test_without_math_verify_numbers_still_match(without_math_verify):
     accuracy = REWARD_FUNCTIONS["accuracy"]
     assert both_forms(accuracy, "\\boxed{\\frac{1}{2}}", answer=["0.5"]) == 1.0
     assert both_forms(accuracy, "<answer>1,000</answer>", answer=["#### 1000"]) == 1.0
+    assert both_forms(accuracy, "\\boxed{\\mathbf{7}}", answer=["7"]) == 1.0  # formatting, not an expression
 
 
 def test_without_math_verify_a_symbolic_reference_names_the_install(without_math_verify):

@@ -44,7 +44,9 @@ PERCENT_MODES = ("number", "fraction", "either")
 
 # A \frac right after a digit is a mixed number ("1\frac{1}{2}"), left to the symbolic check.
 _FRAC = re.compile(r"(?<!\d)\\[dt]?frac(?:\{([^{}]*)\}\{([^{}]*)\}|(\d)(\d))")  # \frac{1}{2}, \frac12
-_UNIT_TEXT = re.compile(r"\\(?:text|textrm|textbf|mathrm|mbox)\s*\{[^{}]*\}")  # 5\text{ cm}
+_UNIT_TEXT = re.compile(r"\\(?:text|textrm|textbf|mathrm|mbox)\s*\{[^{}]*[A-Za-z][^{}]*\}")  # 5\text{ cm}
+# A number in braces or a font command: {5}, \mathbf{5}, \text{5} (after \frac{a}{b} is read).
+_WRAPPED_NUMBER = re.compile(r"(?:\\(?:mathbf|boldsymbol|bm|mathrm|textbf|textrm|text|displaystyle)\s*)?\{([-−+\d.,\s/%]+)\}")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
 _ASSIGNMENT = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=\s*")  # x = 5
 _TRAILING_WORDS = re.compile(r"(?<=[\d.%])\s*[A-Za-z][A-Za-z\s.]*(?:\^\{?\d\}?)?\s*$")  # 5 apples, 3 m^2
@@ -147,6 +149,7 @@ def parse_number(text: str, percent: str = "number") -> float | None:
     text = str(text).replace("−", "-").replace("{,}", ",")
     text = _DEGREES.sub("", _UNIT_TEXT.sub(" ", text))
     text = _FRAC.sub(lambda m: f"({m[3] if m[1] is None else m[1]})/({m[4] if m[2] is None else m[2]})", text)
+    text = _WRAPPED_NUMBER.sub(r"\1", text)
     # "5 6" must not read as 56: only the spaces around a fraction bar go.
     text = re.sub(r"\\?\$|\\[!,;: ]|\\left|\\right|[()]", "", text)
     text = re.sub(r"\s*/\s*", "/", text).strip()
