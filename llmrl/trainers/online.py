@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -413,9 +414,11 @@ class RLTrainer:
     def _skip_update(self):
         """An optimizer step with nothing to learn from: the weights stay, the step count and the
         schedule (which follows it) move on."""
-        self.scheduler.step()
-        if self.critic is not None:
-            self.critic.scheduler.step()
+        with warnings.catch_warnings():  # torch warns of a scheduler step with no optimizer step yet: intended
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+            if self.critic is not None:
+                self.critic.scheduler.step()
         self.global_step += 1
 
     def _crosses(self, every: int, before: int) -> bool:
