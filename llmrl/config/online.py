@@ -133,6 +133,13 @@ class RLConfig(TrainConfig):
         default=None, metadata=_help("Initial critic weights; unset = the reward model if any, else the policy.")
     )
     value_learning_rate: float | None = field(default=None, metadata=_help("Critic learning rate; unset = learning_rate."))
+    share_critic_base: bool | None = field(
+        default=None,
+        metadata=_help("With LoRA, train the critic as a second adapter and a value head on the policy's frozen base "
+                       "(one base for policy, reference and critic). None = whenever it can: use_peft and the critic "
+                       "starts from the policy (no value_model_name_or_path or reward_model_name_or_path, or "
+                       "value_model_name_or_path = the policy)."),
+    )
     kl_target: float | None = field(default=None, metadata=_help("Adaptive KL controller target; None = fixed beta."))
     kl_horizon: int = field(default=10000, metadata=_help("Adaptive KL controller horizon (samples)."))
     missing_eos_penalty: float | None = field(
@@ -205,6 +212,11 @@ class RLConfig(TrainConfig):
             raise ValueError(
                 f"kl_target={self.kl_target} turns on the adaptive KL controller, which scales beta up or down: it "
                 f"needs kl_target > 0 and a starting beta > 0 (got beta={self.beta})."
+            )
+        if self.share_critic_base and self.advantage_estimator != "gae":
+            raise ValueError(
+                f"share_critic_base: true, but advantage_estimator {self.advantage_estimator!r} uses no critic (only "
+                "gae does, as in algorithm: ppo). Remove share_critic_base."
             )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (greedy decoding is eval_do_sample: false), got {self.temperature}.")
