@@ -381,6 +381,53 @@ def test_a_lora_on_the_lm_head_stays_out_of_the_critic_adapter(tiny_model_dir, t
                                                                                   if g is None or not g.any()]
 
 
+def run_lora_ppo(tmp_path, model_dir, name, processes, batch_size, accumulation):
+    """Two PPO steps with LoRA and the shared critic under `accelerate launch` on CPU, deterministic
+    (top_k 1; no LoRA dropout, as each process draws its own random numbers); returns the weights
+    of the saved policy adapter and of the critic folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import safetensors.torch
+    import yaml
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} plus {i} is"}) + "\n" for i in range(32)))
+    (tmp_path / "digitmod.py").write_text("def digits(prompts, completions, **kwargs):\n"
+                                          "    return [sum(c.isdigit() for c in text) / 8 for text in completions]\n")
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "algorithm": "ppo", "model_name_or_path": model_dir, "use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+        "dataset_name": str(data), "reward_funcs": ["digitmod:digits"], "top_k": 1, "max_completion_length": 8,
+        "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": accumulation, "max_steps": 2,
+        "learning_rate": 1e-2, "output_dir": str(tmp_path / name), "seed": 3, "log_completions_steps": 0}))
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541"]
+    launch += ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
+    python_path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": python_path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launch, "-m", "llmrl", "train", str(recipe)], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / name
+    return [safetensors.torch.load_file(str(folder / "adapter_model.safetensors")) for folder in (out, out / "value_model")]
+
+
+def test_two_processes_give_the_one_process_shared_critic_update(sharp_model_dir, tmp_path):
+    """DDP all-reduces the critic adapter's and head's gradients with the policy's, though the
+    critic's forward bypasses the wrapper; gradient accumulation (no_sync) covers them too."""
+    one = run_lora_ppo(tmp_path, sharp_model_dir, "one", processes=1, batch_size=16, accumulation=1)
+    two = run_lora_ppo(tmp_path, sharp_model_dir, "two", processes=2, batch_size=4, accumulation=2)
+    for weights_one, weights_two in zip(one, two):
+        assert weights_one.keys() == weights_two.keys()
+        for key, value in weights_one.items():
+            torch.testing.assert_close(weights_two[key], value, rtol=0, atol=1e-5, msg=key)
+    assert one[1]["base_model.model.score.weight"].abs().max() > 1e-3  # the critic moved: the check means something
+
+
 def test_share_critic_base_says_why_it_cannot(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="no LoRA adapter.*use_peft: true.*share_critic_base: false"):
         ppo(tiny_model_dir, tmp_path, share_critic_base=True)
