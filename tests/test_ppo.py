@@ -382,9 +382,9 @@ def test_a_lora_on_the_lm_head_stays_out_of_the_critic_adapter(tiny_model_dir, t
 
 
 def run_lora_ppo(tmp_path, model_dir, name, processes, batch_size, accumulation):
-    """Two PPO steps with LoRA and the shared critic under `accelerate launch` on CPU, deterministic
-    (top_k 1; no LoRA dropout, as each process draws its own random numbers); returns the weights
-    of the saved policy adapter and of the critic folder."""
+    """Two PPO steps with LoRA, the shared critic and gradient checkpointing under `accelerate launch`
+    on CPU, deterministic (top_k 1; no LoRA dropout, as each process draws its own random numbers);
+    returns the weights of the saved policy adapter and of the critic folder."""
     import json
     import os
     import subprocess
@@ -400,7 +400,8 @@ def run_lora_ppo(tmp_path, model_dir, name, processes, batch_size, accumulation)
                                           "    return [sum(c.isdigit() for c in text) / 8 for text in completions]\n")
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump({
-        "algorithm": "ppo", "model_name_or_path": model_dir, "use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+        "algorithm": "ppo", "model_name_or_path": model_dir, "use_peft": True, "lora_r": 4, "lora_alpha": 8,
+        "lora_dropout": 0.0, "gradient_checkpointing": True,
         "dataset_name": str(data), "reward_funcs": ["digitmod:digits"], "top_k": 1, "max_completion_length": 8,
         "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": accumulation, "max_steps": 2,
         "learning_rate": 1e-2, "output_dir": str(tmp_path / name), "seed": 3, "log_completions_steps": 0}))
@@ -418,7 +419,7 @@ def run_lora_ppo(tmp_path, model_dir, name, processes, batch_size, accumulation)
 
 def test_two_processes_give_the_one_process_shared_critic_update(sharp_model_dir, tmp_path):
     """DDP all-reduces the critic adapter's and head's gradients with the policy's, though the
-    critic's forward bypasses the wrapper; gradient accumulation (no_sync) covers them too."""
+    critic's forward bypasses the wrapper; gradient accumulation (no_sync) and checkpointing too."""
     one = run_lora_ppo(tmp_path, sharp_model_dir, "one", processes=1, batch_size=16, accumulation=1)
     two = run_lora_ppo(tmp_path, sharp_model_dir, "two", processes=2, batch_size=4, accumulation=2)
     for weights_one, weights_two in zip(one, two):

@@ -40,6 +40,7 @@ class Critic:
     def __init__(self, accelerator, args, model_config, policy_source, pad_token_id: int, peft_config=None):
         self.accelerator, self.args, self.model_config = accelerator, args, model_config
         self.shared = critic_shares_base(args, model_config, policy_source, peft_config, accelerator.distributed_type)
+        self._parameters = None  # a shared critic's adapter and head, once attached
         self.model = None if self.shared else self._own_model(policy_source, pad_token_id)
 
     def _own_model(self, policy_source, pad_token_id):
