@@ -131,6 +131,17 @@ def test_a_reward_model_is_the_reward_and_the_critic_starts_from_it(tiny_model_d
     assert all("rewards/reward_model" in h and h["reward"] == pytest.approx(h["rewards/reward_model"]) for h in history)
 
 
+def test_a_critic_cannot_start_from_a_reward_model_with_other_tokens(tiny_model_dir, tmp_path):
+    """The critic reads the policy's token ids: a reward model whose tokenizer differs is refused
+    as its starting point, with the fix, rather than read the ids as other tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    load_reward_model(tiny_model_dir).save_pretrained(tmp_path / "rm")
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(tmp_path / "rm")
+    with pytest.raises(ValueError, match="tokenizer differs from the policy's.*value_model_name_or_path"):
+        ppo(tiny_model_dir, tmp_path, reward_funcs=[], reward_weights=None, reward_model_name_or_path=str(tmp_path / "rm"))
+
+
 def test_lora_ppo_with_a_separate_critic_keeps_both_bases_frozen(tiny_model_dir, tmp_path):
     """share_critic_base: false, with the policy given as an object: LoRA wraps that object in place,
     and the critic is still a plain copy of its weights, with its own adapter."""

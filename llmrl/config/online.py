@@ -127,7 +127,12 @@ class RLConfig(TrainConfig):
     )
 
     # PPO critic
-    vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss."))
+    vf_coef: float = field(
+        default=0.1,
+        metadata=_help("Weight of the value loss in the shared backward. The critic has its own AdamW, which all but "
+                       "undoes a constant scale of its gradient: its step size is value_learning_rate; vf_coef "
+                       "matters through the critic's gradient clipping (max_grad_norm)."),
+    )
     cliprange_value: float = field(default=0.2, metadata=_help("Clip range of the value loss around the old values."))
     value_model_name_or_path: str | None = field(
         default=None, metadata=_help("Initial critic weights; unset = the reward model if any, else the policy.")

@@ -27,6 +27,7 @@ import math
 
 import torch
 from peft import get_peft_model
+from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
 from llmrl.algos import aggregate_loss, explained_variance, masked_mean, value_loss, value_loss_metrics
@@ -34,19 +35,42 @@ from llmrl.models import enable_checkpointing, load_value_model, lora_config, to
 from llmrl.trainers.shared_critic import SharedCriticExport, SharedValueModel, add_critic, critic_shares_base
 
 
+def _check_same_tokens(source: str, tokenizer) -> None:
+    """The critic reads the policy's token ids; one initialised from a model with another vocabulary
+    (a reward model of another family) would read them as other tokens, silently."""
+    from transformers import AutoTokenizer
+
+    try:
+        theirs = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        return  # no tokenizer saved with it: nothing to compare (its embedding size is checked on load)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"The critic would start from {source!r}, whose tokenizer differs from the policy's, but it reads the "
+            "policy's token ids. Set value_model_name_or_path to the policy's model (the critic then starts from "
+            "the policy), or use a reward model trained from the policy's family.")
+
+
 class Critic:
     """The value model of one run (prepared by `accelerator`), its AdamW and LR schedule."""
 
-    def __init__(self, accelerator, args, model_config, policy_source, pad_token_id: int, peft_config=None):
+    def __init__(self, accelerator, args, model_config, policy_source, tokenizer, peft_config=None):
         self.accelerator, self.args, self.model_config = accelerator, args, model_config
         self.shared = critic_shares_base(args, model_config, policy_source, peft_config, accelerator.distributed_type)
+        if not self.shared and accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError(
+                "PPO with a separate critic under DeepSpeed: accelerate would wrap the policy and the critic in two "
+                "DeepSpeed engines, which llmrl's one backward does not drive. Launch with the ddp or fsdp2 config "
+                "(recipes/accelerate/), or use LoRA with a critic that starts from the policy (share_critic_base).")
         self._parameters = None  # a shared critic's adapter and head, once attached
-        self.model = None if self.shared else self._own_model(policy_source, pad_token_id)
+        self.model = None if self.shared else self._own_model(policy_source, tokenizer)
 
-    def _own_model(self, policy_source, pad_token_id):
+    def _own_model(self, policy_source, tokenizer):
         args, model_config = self.args, self.model_config
         source = args.value_model_name_or_path or args.reward_model_name_or_path or policy_source
-        model = load_value_model(source, model_config, pad_token_id=pad_token_id)
+        if source is not policy_source:
+            _check_same_tokens(source, tokenizer)
+        model = load_value_model(source, model_config, pad_token_id=tokenizer.pad_token_id)
         if model_config.gradient_checkpointing:
             enable_checkpointing(model)
         if model_config.use_peft:

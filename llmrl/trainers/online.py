@@ -93,7 +93,7 @@ class RLTrainer:
         self.tokenizer = processing_class or load_tokenizer(model_config)
         self.tokenizer.padding_side = "left"
         # GAE needs a critic; every other estimator is critic-free. Made before LoRA wraps a policy object in place.
-        self.critic = Critic(self.accelerator, args, model_config, model, self.tokenizer.pad_token_id,
+        self.critic = Critic(self.accelerator, args, model_config, model, self.tokenizer,
                              peft_config) if args.advantage_estimator == "gae" else None
         policy = load_policy(model_config, model=model, peft_config=peft_config)
         self.reference = build_reference(policy, model_config, needed=args.uses_kl)
