@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 
 import torch
-from peft import get_peft_model
 from accelerate.utils import DistributedType
+from peft import get_peft_model
 from transformers import get_scheduler
 
 from llmrl.algos import aggregate_loss, explained_variance, masked_mean, value_loss, value_loss_metrics
