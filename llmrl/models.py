@@ -276,11 +276,12 @@ def _quantization_config(model_config: ModelConfig) -> BitsAndBytesConfig:
     )
 
 
-def enable_checkpointing(model) -> None:
+def enable_checkpointing(model, context_fn=None) -> None:
     """Gradient (activation) checkpointing, non-reentrant: the reentrant variant breaks with frozen
-    inputs and DDP. transformers 5.23 renamed gradient_checkpointing_enable (now a deprecated alias)."""
+    inputs and DDP. transformers 5.23 renamed gradient_checkpointing_enable (now a deprecated alias).
+    `context_fn` goes to `torch.utils.checkpoint.checkpoint` (contexts for the forward and the recompute)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
+    enable({"use_reentrant": False} | ({"context_fn": context_fn} if context_fn is not None else {}))
 
 
 def load_policy(model_config: ModelConfig, model=None, *, peft_config: LoraConfig | None = None):
@@ -326,7 +327,7 @@ def load_policy(model_config: ModelConfig, model=None, *, peft_config: LoraConfi
 # ---- Reference --------------------
 
 
-def _adapter_is_trained(model: PeftModel) -> bool:
+def adapter_is_trained(model: PeftModel) -> bool:
     """Whether any LoRA update is non-zero (a fresh adapter has B = 0, so it changes nothing yet)."""
     return any(parameter.detach().abs().max() > 0 for name, parameter in model.named_parameters()
                if "lora_B" in name or "lora_embedding_B" in name)
@@ -351,6 +352,9 @@ class ReferenceModel:
 
     def __call__(self, **inputs):
         adapter_off = self.model.disable_adapter() if self.shares_policy else contextlib.nullcontext()
+        # peft re-enables requires_grad of the active adapter only when the context ends; a second adapter
+        # (PPO's shared critic) would silently stop training.
+        trainable = [p for p in self.model.parameters() if p.requires_grad] if self.shares_policy else []
         was_training = self.model.training
         self.model.eval()  # no dropout: the reference must be deterministic
         try:
@@ -358,6 +362,8 @@ class ReferenceModel:
                 return self.model(**inputs)
         finally:
             self.model.train(was_training)
+            for parameter in trainable:
+                parameter.requires_grad_(True)
 
     forward = __call__
 
@@ -372,7 +378,7 @@ def build_reference(policy, model_config: ModelConfig | None = None, needed: boo
     if not needed:
         return None
     if isinstance(policy, PeftModel):
-        if not _adapter_is_trained(policy):
+        if not adapter_is_trained(policy):
             return ReferenceModel(policy, shares_policy=True)
         logger.warning(
             "The policy is a PeftModel whose adapter was already trained, so the reference (the policy as it "

@@ -127,12 +127,24 @@ class RLConfig(TrainConfig):
     )
 
     # PPO critic
-    vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss."))
+    vf_coef: float = field(
+        default=0.1,
+        metadata=_help("Weight of the value loss in the shared backward. The critic has its own AdamW, which all but "
+                       "undoes a constant scale of its gradient: its step size is value_learning_rate; vf_coef "
+                       "matters through the critic's gradient clipping (max_grad_norm)."),
+    )
     cliprange_value: float = field(default=0.2, metadata=_help("Clip range of the value loss around the old values."))
     value_model_name_or_path: str | None = field(
         default=None, metadata=_help("Initial critic weights; unset = the reward model if any, else the policy.")
     )
     value_learning_rate: float | None = field(default=None, metadata=_help("Critic learning rate; unset = learning_rate."))
+    share_critic_base: bool | None = field(
+        default=None,
+        metadata=_help("With LoRA, train the critic as a second adapter and a value head on the policy's frozen base "
+                       "(one base for policy, reference and critic). None = whenever it can: use_peft and the critic "
+                       "starts from the policy (no value_model_name_or_path or reward_model_name_or_path, or "
+                       "value_model_name_or_path = the policy)."),
+    )
     kl_target: float | None = field(default=None, metadata=_help("Adaptive KL controller target; None = fixed beta."))
     kl_horizon: int = field(default=10000, metadata=_help("Adaptive KL controller horizon (samples)."))
     missing_eos_penalty: float | None = field(
@@ -205,6 +217,11 @@ class RLConfig(TrainConfig):
             raise ValueError(
                 f"kl_target={self.kl_target} turns on the adaptive KL controller, which scales beta up or down: it "
                 f"needs kl_target > 0 and a starting beta > 0 (got beta={self.beta})."
+            )
+        if self.share_critic_base and self.advantage_estimator != "gae":
+            raise ValueError(
+                f"share_critic_base: true, but advantage_estimator {self.advantage_estimator!r} uses no critic (only "
+                "gae does, as in algorithm: ppo). Remove share_critic_base."
             )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (greedy decoding is eval_do_sample: false), got {self.temperature}.")

@@ -59,6 +59,7 @@ from llmrl.rollout import (
 from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from llmrl.trainers.common import make_accelerator, replay_batches
 from llmrl.trainers.critic import Critic
+from llmrl.trainers.shared_critic import policy_export
 from llmrl.trainers.tracking import RunLogger, append_jsonl
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class RLTrainer:
         model_config = model_config or ModelConfig(model_name_or_path=model if isinstance(model, str) else None)
         self.tokenizer = processing_class or load_tokenizer(model_config)
         self.tokenizer.padding_side = "left"
+        # GAE needs a critic; every other estimator is critic-free. Made before LoRA wraps a policy object in place.
+        self.critic = Critic(self.accelerator, args, model_config, model, self.tokenizer,
+                             peft_config) if args.advantage_estimator == "gae" else None
         policy = load_policy(model_config, model=model, peft_config=peft_config)
         self.reference = build_reference(policy, model_config, needed=args.uses_kl)
         self.kl_coef = args.beta  # moved by the adaptive controller when kl_target is set
@@ -128,15 +132,16 @@ class RLTrainer:
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
                                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                       weight_decay=args.weight_decay)
+        if self.critic is not None:
+            self.critic.attach(policy)  # a shared critic's adapter and head: before prepare, so DDP sees them
         self.model, self.optimizer, self.loader = self.accelerator.prepare(policy, optimizer, loader)
         self.max_steps = self._total_steps()
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.max_steps)
         self.accelerator.register_for_checkpointing(self.scheduler)
-        # GAE needs a critic; every other estimator is critic-free.
-        self.critic = Critic(self.accelerator, args, model_config, model, self.tokenizer.pad_token_id,
-                             self.max_steps) if args.advantage_estimator == "gae" else None
+        if self.critic is not None:
+            self.critic.prepare(self.model, self.max_steps)
         self._config = config if config is not None else vars(args)
         self.logger: RunLogger | None = None
         self.global_step = 0
@@ -296,6 +301,12 @@ class RLTrainer:
         metrics["entropy"] = masked_mean(entropy.detach(), mask)
         return loss, metrics
 
+    def _policy_parameters(self):
+        """What the policy's gradient clipping covers: its module, less a shared critic's adapter and head."""
+        if self.critic is not None and self.critic.shared:
+            return [p for group in self.optimizer.param_groups for p in group["params"]]
+        return self.model.parameters()  # under FSDP, accelerate clips only a prepared model's own parameters()
+
     def _step_counts(self, mask: torch.Tensor) -> torch.Tensor:
         """(num_tokens, num_seqs) of one optimizer step's rows, summed over every process."""
         return self.accelerator.reduce(torch.stack(loss_counts(mask)).float(), "sum")
@@ -364,7 +375,7 @@ class RLTrainer:
 
         self.model.train()
         accum = args.gradient_accumulation_steps
-        models = [self.model] + ([self.critic.model] if self.critic is not None else [])
+        models = [self.model] + ([self.critic.model] if self.critic is not None and not self.critic.shared else [])
         step_metrics: dict[str, list] = {}
         for _ in range(args.num_iterations):
             order = torch.randperm(self.rollout_size) if args.num_mini_batches > 1 else torch.arange(self.rollout_size)
@@ -392,7 +403,7 @@ class RLTrainer:
                     for key, value in m.items():
                         step_metrics.setdefault(key, []).append(value)
                 if args.max_grad_norm > 0:
-                    grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    grad_norm = self.accelerator.clip_grad_norm_(self._policy_parameters(), args.max_grad_norm)
                     step_metrics.setdefault("grad_norm", []).append(grad_norm)
                 step_metrics.setdefault("learning_rate", []).append(self.scheduler.get_last_lr()[0])
                 self.optimizer.step()
@@ -480,7 +491,7 @@ class RLTrainer:
     def save_checkpoint(self):
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
                                {"batches_consumed": self.batches_consumed, "kl_coef": self.kl_coef},
-                               self.accelerator.unwrap_model(self.model), self.tokenizer, self.args.save_total_limit,
+                               policy_export(self.accelerator.unwrap_model(self.model)), self.tokenizer, self.args.save_total_limit,
                                extra_exports={VALUE_MODEL_DIR: self.critic.export()} if self.critic else None)
 
     def save_model(self, output_dir: str):
@@ -489,7 +500,7 @@ class RLTrainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            policy_export(self.accelerator.unwrap_model(self.model)).save_pretrained(output_dir)
             self.tokenizer.save_pretrained(output_dir)
             if self.critic is not None:
                 self.critic.export().save_pretrained(Path(output_dir) / VALUE_MODEL_DIR)
