@@ -42,9 +42,10 @@ def test_sft_then_grpo_raises_heldout_accuracy(tmp_path):
     result = main(["--output_dir", str(tmp_path), "--rl_steps", "100"])
     before, after = result["before"], result["after"]
     # The SFT start leaves room (20-70%), and 100 GRPO steps on prompts with only an answer checker
-    # add at least 8 points on questions it never saw. Measured on a 2-core x86 CPU: seed 0 (this
-    # test) 35.0% -> 46.0%, seed 1 47.0% -> 65.0%; held-out accuracy moves by 3-5 points from one
-    # evaluation to the next during RL, hence a margin below both.
+    # add at least 8 points on questions it never saw. Measured: seed 0 (this test) 35.0% -> 46.0%
+    # and seed 1 47.0% -> 65.0% on a 2-core Xeon, seed 0 33.0% -> 44.5% on a 2-core AMD EPYC (float
+    # rounding differs between CPU families); held-out accuracy moves by 3-5 points from one
+    # evaluation to the next during RL, hence a margin below all three.
     assert 0.2 <= before <= 0.7, before
     assert after >= before + 0.08, (before, after)
 
