@@ -51,7 +51,8 @@ def test_ppo_learns_and_its_critic_learns_the_returns(tiny_model_dir, tmp_path):
     digits = [h["rewards/digit_fraction"] for h in history]
     value_loss = [h["critic/value_loss"] for h in history]
     explained = [h["critic/explained_variance"] for h in history]
-    assert mean(digits[-5:]) > mean(digits[:3]) + 0.05, [round(d, 3) for d in digits]
+    # Above the start (step 0) and above the first steps (the reward dips while the critic, at 0, learns).
+    assert mean(digits[-5:]) > max(digits[0], mean(digits[:3])) + 0.05, [round(d, 3) for d in digits]
     assert mean(value_loss[-5:]) < mean(value_loss[:3]) / 5, [round(v, 4) for v in value_loss]
     assert explained[0] == pytest.approx(0.0, abs=1e-6)  # the head starts at zero: V = 0 everywhere
     assert mean(explained[-5:]) > 0.5, [round(e, 3) for e in explained]
@@ -335,7 +336,8 @@ def test_ppo_with_lora_and_a_shared_critic_learns(sharp_model_dir, tmp_path):
     digits = [h["rewards/digit_fraction"] for h in history]
     value_loss = [h["critic/value_loss"] for h in history]
     explained = [h["critic/explained_variance"] for h in history]
-    assert mean(digits[-5:]) > mean(digits[:3]) + 0.05, [round(d, 3) for d in digits]
+    # Above the start (step 0) and above the first steps (the reward dips while the critic, at 0, learns).
+    assert mean(digits[-5:]) > max(digits[0], mean(digits[:3])) + 0.05, [round(d, 3) for d in digits]
     assert mean(value_loss[-5:]) < mean(value_loss[:3]) / 2, [round(v, 4) for v in value_loss]
     assert explained[0] == pytest.approx(0.0, abs=1e-6)  # the head and the adapter start at zero: V = 0
     assert mean(explained[-5:]) > 0.5, [round(e, 3) for e in explained]
