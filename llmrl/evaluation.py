@@ -66,6 +66,7 @@ def evaluate_policy(model, tokenizer, dataset, reward_funcs, *, reward_weights=N
     distributed = accelerator is not None and accelerator.num_processes > 1
     shard = dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True) if distributed else dataset
     device = next(model.parameters()).device
+    stop_ids = stop_token_ids(model, tokenizer)
     loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate)
     # Decoding is collective (every process steps until all rows everywhere are done), so every
     # process runs as many batches as the largest shard: a shorter shard decodes a stand-in
@@ -85,7 +86,7 @@ def evaluate_policy(model, tokenizer, dataset, reward_funcs, *, reward_weights=N
             batch = collate([dataset[0]])
         rollout = generate_completions(
             model, batch["input_ids"].to(device), batch["attention_mask"].to(device), num_generations=1,
-            max_completion_length=max_completion_length, eos_token_id=stop_token_ids(model, tokenizer),
+            max_completion_length=max_completion_length, eos_token_id=stop_ids,
             pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k,
             do_sample=do_sample).to("cpu")
         if stand_in:

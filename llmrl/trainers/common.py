@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from accelerate import Accelerator, PartialState
+from transformers import get_scheduler
 
 
 def _cpu_processes() -> bool:
@@ -44,3 +46,20 @@ def replay_batches(loader, skip: int = 0):
             drawn += 1
             if drawn > skip:
                 yield drawn, batch
+
+
+def adamw(parameters, args, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable `parameters`, with the config's betas, epsilon and weight decay;
+    `lr` default: `args.learning_rate`."""
+    return torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=lr or args.learning_rate,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                             weight_decay=args.weight_decay)
+
+
+def lr_schedule(accelerator, optimizer, args, max_steps: int):
+    """The config's schedule for a prepared `optimizer` over `max_steps` optimizer steps (warmup
+    from warmup_steps, else warmup_ratio), registered so that checkpoints save it."""
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * max_steps)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    return scheduler

@@ -23,15 +23,13 @@ source while it is still plain), `attach(policy)` before `accelerator.prepare(po
 
 from __future__ import annotations
 
-import math
-
 import torch
 from accelerate.utils import DistributedType
 from peft import get_peft_model
-from transformers import get_scheduler
 
 from llmrl.algos import aggregate_loss, explained_variance, masked_mean, value_loss, value_loss_metrics
 from llmrl.models import enable_checkpointing, load_value_model, lora_config, token_values
+from llmrl.trainers.common import adamw, lr_schedule
 from llmrl.trainers.shared_critic import SharedCriticExport, SharedValueModel, add_critic, critic_shares_base
 
 
@@ -86,10 +84,7 @@ class Critic:
     def prepare(self, policy_model, max_steps: int) -> None:
         """The optimizer and schedule, once the policy is prepared (`policy_model`, which a shared critic runs)."""
         args, accelerator = self.args, self.accelerator
-        parameters = self._parameters or [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=args.value_learning_rate or args.learning_rate,
-                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                      weight_decay=args.weight_decay)
+        optimizer = adamw(self._parameters or self.model.parameters(), args, lr=args.value_learning_rate)
         if self.shared:
             # `model` is the policy's module (one DDP wrapper, one no_sync); the critic's forward bypasses
             # the wrapper, and its gradients are still all-reduced: the policy's forward through the
@@ -99,10 +94,7 @@ class Critic:
         else:
             self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
             self.value_model = self.model
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * max_steps)
-        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=max_steps)
-        accelerator.register_for_checkpointing(self.scheduler)
+        self.scheduler = lr_schedule(accelerator, self.optimizer, args, max_steps)
 
     @torch.no_grad()
     def values(self, rollout, batch_size: int) -> torch.Tensor:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from llmrl.trainers.common import replay_batches
+from llmrl.trainers.common import adamw, lr_schedule, replay_batches
 from llmrl.trainers.tracking import RunLogger
 
 
@@ -47,17 +46,11 @@ class OfflineTrainer:
         generator = torch.Generator().manual_seed(args.seed)
         loader = DataLoader(train_dataset, batch_size=size, shuffle=True, drop_last=True, generator=generator,
                             collate_fn=collate_fn)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                      weight_decay=args.weight_decay)
-        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        self.model, self.optimizer, self.loader = accelerator.prepare(model, adamw(model.parameters(), args), loader)
         self.examples_per_step = size * args.gradient_accumulation_steps * processes
         self.max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * len(self.loader) / args.gradient_accumulation_steps)
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
-        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=self.max_steps)
-        accelerator.register_for_checkpointing(self.scheduler)
+        self.scheduler = lr_schedule(accelerator, self.optimizer, args, self.max_steps)
         self._config = config if config is not None else vars(args)
         self.logger: RunLogger | None = None
         self.global_step = 0

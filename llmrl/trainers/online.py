@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 from llmrl.algos import (
     adaptive_kl_coef,
@@ -57,7 +56,7 @@ from llmrl.rollout import (
     stop_token_ids,
 )
 from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from llmrl.trainers.common import make_accelerator, replay_batches
+from llmrl.trainers.common import adamw, lr_schedule, make_accelerator, replay_batches
 from llmrl.trainers.critic import Critic
 from llmrl.trainers.shared_critic import policy_export
 from llmrl.trainers.tracking import RunLogger, append_jsonl
@@ -129,17 +128,12 @@ class RLTrainer:
         generator = torch.Generator().manual_seed(args.seed)
         loader = DataLoader(train_dataset, batch_size=self.prompts_per_rollout, shuffle=True, drop_last=True,
                             generator=generator, collate_fn=PromptCollator(self.tokenizer, args.max_prompt_length))
-        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
-                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                      weight_decay=args.weight_decay)
+        optimizer = adamw(policy.parameters(), args)
         if self.critic is not None:
             self.critic.attach(policy)  # a shared critic's adapter and head: before prepare, so DDP sees them
         self.model, self.optimizer, self.loader = self.accelerator.prepare(policy, optimizer, loader)
         self.max_steps = self._total_steps()
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
-        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=self.max_steps)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.scheduler = lr_schedule(self.accelerator, self.optimizer, args, self.max_steps)
         if self.critic is not None:
             self.critic.prepare(self.model, self.max_steps)
         self._config = config if config is not None else vars(args)
