@@ -76,6 +76,9 @@ def train_command(argv: list[str]) -> int:
         print(recipe.to_yaml(), end="")
         return 0
     train(recipe)
+    from llmrl.trainers.common import process_state
+
+    process_state().destroy_process_group()  # the run is over: every process has saved and waited
     return 0
 
 

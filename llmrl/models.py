@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from llmrl.adapters import STARTING_ADAPTERS, check_chain, record_start, starting_adapters
 from llmrl.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -165,13 +166,16 @@ def _load_merged_adapter(path: str, base: str, auto_class, model_config, config_
     task = json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type")
     own = ADAPTER_TASK_CLASSES.get(task, auto_class)
     model, missing = _load_with_missing_keys(base, own, model_config, config_overrides, **load_kwargs)
-    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    merged = PeftModel.from_pretrained(model, path).merge_and_unload()
+    # What a new LoRA on top must save with it (llmrl.adapters): the merge itself leaves no trace.
+    record_start(merged, model, path)
     saved = safetensors.torch.load_file(str(Path(path) / "adapter_model.safetensors"))
     heads = {head for head in HEAD_NAMES if any(f".{head}." in key for key in saved)}
     missing = {key for key in missing if key.split(".")[0] not in heads}
     if own is auto_class:
-        return model, missing
-    converted, more = _load_with_missing_keys(model, auto_class, model_config, config_overrides)
+        return merged, missing
+    converted, more = _load_with_missing_keys(merged, auto_class, model_config, config_overrides)
+    setattr(converted, STARTING_ADAPTERS, starting_adapters(merged))
     return converted, missing | more
 
 
@@ -284,6 +288,19 @@ def enable_checkpointing(model, context_fn=None) -> None:
     enable({"use_reentrant": False} | ({"context_fn": context_fn} if context_fn is not None else {}))
 
 
+def disable_dropout(model) -> None:
+    """Every dropout of `model` off for good: `nn.Dropout` modules (LoRA's lora_dropout among them)
+    and the attention-probability dropout that attention modules keep as a float (Llama's
+    `attention_dropout`). RL compares log-probs of the same tokens from several forwards (rollout,
+    old, reference, new): with dropout on in training mode they differ by noise, and the first
+    update's ratio is not 1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def load_policy(model_config: ModelConfig, model=None, *, peft_config: LoraConfig | None = None):
     """The trainable causal LM: `model` (a name, folder or object; default model_name_or_path).
 
@@ -317,6 +334,7 @@ def load_policy(model_config: ModelConfig, model=None, *, peft_config: LoraConfi
     wants_peft = model_config.use_peft or peft_config is not None
     if wants_peft and not isinstance(policy, PeftModel):
         policy = get_peft_model(policy, peft_config or lora_config(model_config, "CAUSAL_LM"))
+        check_chain(policy)
         if checkpointing:
             # With frozen embeddings nothing before the first adapter requires grad, and checkpointed
             # blocks would then get no gradient at all.

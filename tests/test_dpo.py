@@ -341,13 +341,15 @@ def test_two_processes_give_the_one_process_update(tiny_model_dir, tmp_path):
     recipe.write_text(yaml.safe_dump({
         "algorithm": "dpo", "model_name_or_path": tiny_model_dir, "dataset_name": str(data),
         "per_device_train_batch_size": 2, "max_prompt_length": 32, "max_length": 64, "save_steps": 0,
-        "output_dir": str(tmp_path / "two"), **TWO_PROCESS_SETTINGS}))
+        "output_dir": str(tmp_path / "two"), "report_to": ["tensorboard"], **TWO_PROCESS_SETTINGS}))
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1", "--multi_gpu",
               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launch, "-m", "llmrl", "train", str(recipe)], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # With a tracker on, its closing must leave the process group to the final save (as it does now).
+    assert list((tmp_path / "two" / "runs").rglob("events.out.tfevents.*")), "tensorboard wrote no events"
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two")
 
     one = DPOTrainer(tiny_model_dir, config(tmp_path / "one", per_device_train_batch_size=4, **TWO_PROCESS_SETTINGS),

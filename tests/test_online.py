@@ -181,8 +181,8 @@ def test_without_dynamic_sampling_flat_groups_stay(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean"])
 def test_one_step_is_the_same_for_any_micro_batch_split(tiny_model_dir, tmp_path, mode):
-    """8 completions per step as 8 x 1 micro-batches or 2 x 4: the same update (1e-5)."""
-    updates = []
+    """8 completions per step as 8 x 1 micro-batches or 2 x 4: the same update (1e-5) and loss."""
+    updates, losses = [], []
     for size, accum in [(8, 1), (2, 4)]:
         trainer = make_trainer(tiny_model_dir, tmp_path / f"{size}x{accum}", num_generations=4,
                                per_device_train_batch_size=size, gradient_accumulation_steps=accum,
@@ -193,10 +193,14 @@ def test_one_step_is_the_same_for_any_micro_batch_split(tiny_model_dir, tmp_path
                                # gradient is ~1e-8 turns float rounding of g (1e-7 relative) into 1% of lr.
                                adam_epsilon=1e-3)
         start = [p.detach().clone() for p in trainer.model.parameters()]
-        trainer.train()
+        losses.append(trainer.train()[0]["loss"])
         updates.append([p.detach() - s for p, s in zip(trainer.model.parameters(), start)])
     for a, b in zip(*updates):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    # The logged loss is the step's loss, not the mean of the micro-batches' shares of it. (Under
+    # seq_mean_token_mean the first on-policy loss is -mean(advantages) = 0 for any split.)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert mode != "token_mean" or abs(losses[0]) > 1e-3
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -267,8 +271,9 @@ def run_recipe(tmp_path, tiny_model_dir, name, processes, batch_size):
     """One optimizer step of REINFORCE++ (global whitening: statistics across processes) with
     deterministic generation (top_k 1), so 1 and 2 processes see the same completions, then a
     greedy evaluation of 17 prompts: shards of 9 and 8 at batch size 4 are 3 and 2 batches, and
-    the process with fewer must still take part in every collective decoding step. Returns the
-    trained model and the eval record."""
+    the process with fewer must still take part in every collective decoding step. Tensorboard is
+    on, as in every GPU recipe: closing it must not take the process group the final save waits
+    on. Returns the trained model, the train record and the eval record."""
     data, eval_data = tmp_path / "prompts.jsonl", tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} plus {i} is"}) + "\n" for i in range(16)))
     eval_data.write_text("".join(json.dumps({"prompt": f"{i} minus {i} is"}) + "\n" for i in range(17)))
@@ -279,7 +284,7 @@ def run_recipe(tmp_path, tiny_model_dir, name, processes, batch_size):
         "reward_funcs": ["rewardmod:char_code_reward"], "num_generations": 1, "top_k": 1,
         "per_device_train_batch_size": batch_size, "max_completion_length": 8, "max_steps": 1,
         "learning_rate": 1e-3, "max_grad_norm": 0.0, "output_dir": str(tmp_path / name), "seed": 3,
-        "eval_dataset_name": str(eval_data), "per_device_eval_batch_size": 4}))
+        "eval_dataset_name": str(eval_data), "per_device_eval_batch_size": 4, "report_to": ["tensorboard"]}))
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
     launch += ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
@@ -287,16 +292,21 @@ def run_recipe(tmp_path, tiny_model_dir, name, processes, batch_size):
     result = subprocess.run([*launch, "-m", "llmrl", "train", str(recipe)], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    evals = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"eval/')]
-    assert len(evals) == 1, result.stdout[-3000:]
-    return AutoModelForCausalLM.from_pretrained(tmp_path / name), evals[0]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"')]
+    evals = [r for r in records if "eval/reward" in r]
+    assert len(evals) == 1 and len(records) == 2, result.stdout[-3000:]
+    assert list((tmp_path / name / "runs").rglob("events.out.tfevents.*")), "tensorboard wrote no events"
+    return AutoModelForCausalLM.from_pretrained(tmp_path / name), records[0], evals[0]
 
 
 def test_two_processes_give_the_one_process_update(sharp_model_dir, tmp_path):
     model_dir = sharp_model_dir
     start = AutoModelForCausalLM.from_pretrained(model_dir)
-    one, eval_one = run_recipe(tmp_path, model_dir, "one", processes=1, batch_size=16)
-    two, eval_two = run_recipe(tmp_path, model_dir, "two", processes=2, batch_size=8)
+    one, train_one, eval_one = run_recipe(tmp_path, model_dir, "one", processes=1, batch_size=16)
+    two, train_two, eval_two = run_recipe(tmp_path, model_dir, "two", processes=2, batch_size=8)
+    # The logged loss is the step's, not one process's share of it (whitened advantages make this
+    # first on-policy loss ~0: tests/test_ppo.py compares a value loss that is not).
+    assert train_two["loss"] == pytest.approx(train_one["loss"], abs=1e-6)
     # Each process scores half of the eval prompts; the logged metrics are over all of them.
     assert eval_two["eval/num_samples"] == eval_one["eval/num_samples"] == 17
     assert eval_two["eval/reward"] == pytest.approx(eval_one["eval/reward"], abs=1e-6)

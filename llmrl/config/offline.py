@@ -30,6 +30,12 @@ class DPOConfig(TrainConfig):
                        "length normalisation, as TRL and the IPO authors use it); None = on for ipo only. The logged "
                        "rewards stay on summed log-probs."),
     )
+    disable_dropout: bool = field(
+        default=True,
+        metadata=_help("Turn off every dropout of the policy and reference (LoRA's lora_dropout included), so the "
+                       "policy and reference log-probs of an untrained policy are equal and the first loss is ln 2 "
+                       "(TRL's name)."),
+    )
 
     def __post_init__(self):
         from llmrl.algos import PREFERENCE_LOSSES

@@ -20,7 +20,7 @@ _ONLINE_BASE = dict(
     epsilon_high=None,  # None = epsilon (symmetric clip)
     loss_agg_mode="token_mean",
     beta=0.0,
-    kl_estimator="k1",
+    kl_estimator=None,  # None = the estimator of the placement (KL_ESTIMATOR_FOR)
     kl_placement="loss",
     dynamic_sampling=False,
     overlong_penalty_factor=0.0,
@@ -43,6 +43,10 @@ PRESETS: dict[str, dict] = {
 
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
 KL_PLACEMENTS = ("loss", "reward")
+# The estimator a KL term gets when neither the preset nor the recipe names one for its placement:
+# in the reward, k1 (the unbiased per-token log-ratio, as PPO-RLHF and REINFORCE++ use it); in the
+# loss, k3 (TRL's and verl's low-variance choice). k1 is never put in the loss: see _check_kl.
+KL_ESTIMATOR_FOR = {"reward": "k1", "loss": "k3"}
 
 
 def _preset(text: str, **extra) -> dict:
@@ -106,7 +110,11 @@ class RLConfig(TrainConfig):
         metadata=_preset("token_mean, seq_mean_token_mean, seq_mean_token_sum or seq_mean_token_sum_norm."),
     )
     beta: float | None = field(default=None, metadata=_preset("KL coefficient; 0 = no KL and no reference model."))
-    kl_estimator: str | None = field(default=None, metadata=_preset("k1, k2 or k3."))
+    kl_estimator: str | None = field(
+        default=None,
+        metadata=_preset("k1, k2 or k3. Unset, with kl_placement changed from the preset's: k3 in the loss, k1 in the "
+                         "reward. k1 in the loss is refused (its expected gradient is zero)."),
+    )
     kl_placement: str | None = field(default=None, metadata=_preset("Where the KL goes: 'reward' (per token) or 'loss'."))
 
     # DAPO
@@ -156,12 +164,25 @@ class RLConfig(TrainConfig):
         default=10, metadata=_help("Write sample completions to output_dir/completions.jsonl every N steps; 0 = never.")
     )
     eval_do_sample: bool = field(default=False, metadata=_help("Sample at evaluation (else greedy decoding)."))
+    disable_dropout: bool = field(
+        default=True,
+        metadata=_help("Turn off every dropout of the policy, reference and critic (LoRA's lora_dropout included), so "
+                       "that rollout, old, reference and new log-probs of one sequence agree and the first update's "
+                       "ratio is exactly 1 (TRL's name)."),
+    )
 
     def __post_init__(self):
         check_choice("algorithm", "algorithm", self.algorithm, PRESETS)
-        for name, value in PRESETS[self.algorithm].items():
+        preset = PRESETS[self.algorithm]
+        if self.kl_estimator is None and self.kl_placement not in (None, preset["kl_placement"]):
+            # The KL moved to another place without naming an estimator: the preset's estimator was
+            # chosen for its own placement, so take the one for the new place.
+            self.kl_estimator = KL_ESTIMATOR_FOR.get(self.kl_placement)
+        for name, value in preset.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.kl_estimator is None:
+            self.kl_estimator = KL_ESTIMATOR_FOR.get(self.kl_placement)
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         if self.overlong_buffer_len is None:
@@ -213,6 +234,13 @@ class RLConfig(TrainConfig):
             )
         if self.beta < 0:
             raise ValueError(f"beta (the KL coefficient) must be >= 0, got {self.beta}.")
+        if self.uses_kl and self.kl_placement == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "kl_estimator: k1 with kl_placement: loss: k1 is log pi - log pi_ref, whose gradient is grad log pi, "
+                "and that has expectation zero over tokens sampled from pi, so in the loss it only adds noise and "
+                "never pulls toward the reference. Use kl_estimator: k3 (TRL, verl) or k2 (the exact gradient of "
+                "the reverse KL) in the loss, or kl_placement: reward for k1."
+            )
         if self.kl_target is not None and (self.kl_target <= 0 or self.beta == 0):
             raise ValueError(
                 f"kl_target={self.kl_target} turns on the adaptive KL controller, which scales beta up or down: it "

@@ -44,13 +44,24 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir) -> Path | Non
     return path
 
 
-def save_checkpoint(accelerator, output_dir, step: int, state: dict, export, tokenizer,
-                    save_total_limit: int | None = None, extra_exports: dict | None = None) -> Path:
+def write_exports(folder, exports: dict, tokenizer) -> None:
+    """Main process: each of `exports` ({subfolder: (export, state_dict)}; "." = `folder` itself)
+    written with `save_pretrained`, from its gathered `state_dict` when the model is sharded (None:
+    the export reads its own weights), with the tokenizer beside it, so each loads on its own."""
+    for name, (export, state_dict) in exports.items():
+        target = Path(folder) / name
+        target.mkdir(parents=True, exist_ok=True)
+        export.save_pretrained(target, **({} if state_dict is None else {"state_dict": state_dict}))
+        tokenizer.save_pretrained(target)
+
+
+def save_checkpoint(accelerator, output_dir, step: int, state: dict, exports: dict, tokenizer,
+                    save_total_limit: int | None = None) -> Path:
     """Write `checkpoint-<step>` atomically (every process must call this); returns its path.
 
-    `export` is the unwrapped model saved as the plain `model/` folder; `extra_exports` maps other
-    folder names to models saved the same way (PPO's `value_model/`); `state` goes to
-    trainer_state.json. With `save_total_limit`, only the newest that many checkpoints are kept.
+    `exports` ({subfolder: (export, state_dict)}, see `write_exports`; the policy as "model") are
+    the plain folders; `state` goes to trainer_state.json. With `save_total_limit`, only the newest
+    that many checkpoints are kept.
     """
     final = Path(output_dir) / f"{PREFIX}{step}"
     tmp = Path(output_dir) / f".tmp-{PREFIX}{step}"
@@ -59,10 +70,7 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, export, tok
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        export.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        for name, model in (extra_exports or {}).items():
-            model.save_pretrained(tmp / name)
+        write_exports(tmp, exports, tokenizer)
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -3,36 +3,29 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
-from accelerate import Accelerator, PartialState
 from transformers import get_scheduler
 
-
-def _cpu_processes() -> bool:
-    """Several processes and no CUDA: accelerate must be told to run them on the CPU. Without
-    `cpu=True` each process of `accelerate launch --multi_gpu` / torchrun on a CPU machine
-    believes it is alone (DistributedType.NO), and they silently train apart."""
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+# The run's processes and Accelerator live in launch.py; every trainer imports them from here.
+from llmrl.trainers.launch import gathered_state_dict, make_accelerator, process_state  # noqa: F401
 
 
-def process_state() -> PartialState:
-    """The process group this run belongs to (created on first use)."""
-    return PartialState(cpu=_cpu_processes())
+def loss_scale(accelerator) -> int:
+    """What a micro-batch loss normalised by the whole step's counts is multiplied by before
+    `accelerator.backward`. Such a loss is already that micro-batch's share of the step's loss
+    over every process; but the backends average gradients over processes, and accelerate's
+    backward (DeepSpeed's engine, under DeepSpeed) divides by gradient_accumulation_steps."""
+    return accelerator.num_processes * accelerator.gradient_accumulation_steps
 
 
-def make_accelerator(args=None, **kwargs) -> Accelerator:
-    """The run's Accelerator; with a trainer config `args`, its `report_to` trackers write to
-    `logging_dir` (default output_dir/runs)."""
-    if args is not None:
-        from llmrl.trainers.tracking import logging_dir, tracker_names
-
-        trackers = tracker_names(args.report_to)
-        if trackers:
-            kwargs.setdefault("log_with", trackers)
-            kwargs.setdefault("project_dir", logging_dir(args))
-    return Accelerator(cpu=_cpu_processes(), **kwargs)
+def to_device(model, accelerator):
+    """`model` on the run's device, where `prepare()` puts the policy: a frozen model that is not
+    prepared (a reference copy, a given ref_model) must be moved by hand. Quantised weights stay
+    where they were loaded (they cannot move)."""
+    if not hasattr(model, "hf_device_map"):
+        model.to(accelerator.device)
+    return model
 
 
 def replay_batches(loader, skip: int = 0):

@@ -27,6 +27,7 @@ import torch
 from accelerate.utils import DistributedType
 from peft import get_peft_model
 
+from llmrl.adapters import check_chain, policy_export
 from llmrl.algos import aggregate_loss, explained_variance, masked_mean, value_loss, value_loss_metrics
 from llmrl.models import enable_checkpointing, load_value_model, lora_config, token_values
 from llmrl.trainers.common import adamw, lr_schedule
@@ -73,6 +74,7 @@ class Critic:
             enable_checkpointing(model)
         if model_config.use_peft:
             model = get_peft_model(model, lora_config(model_config, "TOKEN_CLS"))
+            check_chain(model)
             if model_config.gradient_checkpointing:
                 model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
         return model
@@ -107,14 +109,15 @@ class Critic:
         ])
 
     def loss(self, rollout, rows, old_values, returns, counts) -> tuple[torch.Tensor, dict]:
-        """The clipped value loss of micro-batch `rows`, aggregated like the policy loss."""
+        """The clipped value loss of micro-batch `rows`, aggregated like the policy loss (its share
+        of the step's value loss), and its clip fraction."""
         mask = rollout.completion_mask[rows]
         values = token_values(self.value_model, rollout.input_ids[rows], rollout.attention_mask[rows], mask.shape[1])
         per_token = value_loss(values, old_values[rows], returns[rows], mask, self.args.cliprange_value)
         loss = aggregate_loss(per_token, mask, self.args.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1],
                               max_len=self.args.max_completion_length)
         metrics = value_loss_metrics(values, old_values[rows], returns[rows], mask, self.args.cliprange_value)
-        return loss, {"critic/value_loss": loss.detach(), "critic/vf_clipfrac": metrics["vf_clipfrac"]}
+        return loss, {"critic/vf_clipfrac": metrics["vf_clipfrac"]}  # the trainer logs the step's value loss
 
     def step(self) -> dict:
         """Clip, step and zero the critic's gradients (after the policy's backward)."""
@@ -141,4 +144,4 @@ class Critic:
         critic as a TOKEN_CLS adapter folder."""
         if self.shared:
             return SharedCriticExport(self.accelerator.unwrap_model(self.model))
-        return self.accelerator.unwrap_model(self.model)
+        return policy_export(self.accelerator.unwrap_model(self.model))  # from an adapter folder: one adapter

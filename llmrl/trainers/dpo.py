@@ -20,8 +20,9 @@ from llmrl.algos import preference_loss
 from llmrl.config import DPOConfig, ModelConfig
 from llmrl.data import PreferenceCollator, load_datasets, tokenize_preferences
 from llmrl.logprobs import completion_logprobs
-from llmrl.models import ReferenceModel, build_reference, load_model, load_policy, load_tokenizer
-from llmrl.trainers.common import make_accelerator
+from llmrl.models import ReferenceModel, build_reference, disable_dropout, load_model, load_policy, load_tokenizer
+from llmrl.trainers.common import make_accelerator, to_device
+from llmrl.trainers.launch import refuse_unsharded_copies
 from llmrl.trainers.offline import OfflineTrainer
 
 
@@ -62,17 +63,19 @@ class DPOTrainer(OfflineTrainer):
         with accelerator.main_process_first():  # one process writes the datasets cache, the others read it
             train_rows = self._tokenize(train_dataset, tokenizer, "train_dataset")
             eval_rows = self._tokenize(eval_dataset, tokenizer, "eval_dataset") if eval_dataset is not None else None
-        policy = load_policy(model_config, model=model, peft_config=peft_config)
-        if not hasattr(policy, "hf_device_map"):  # quantised weights sit where they were loaded
-            policy.to(accelerator.device)
+        policy = to_device(load_policy(model_config, model=model, peft_config=peft_config), accelerator)
+        if args.disable_dropout:  # else policy and reference differ by noise, and the first loss is not ln 2
+            disable_dropout(policy)
         if ref_model is not None:
-            if ref_model is model:
+            if ref_model is model and not isinstance(model, str):  # the same folder gives a frozen copy: fine
                 raise ValueError("ref_model is the policy object itself; leave ref_model out and the reference is "
                                  "taken from the policy before training (adapter disabled under LoRA).")
-            frozen = load_model(ref_model, AutoModelForCausalLM, model_config).to(accelerator.device)
+            frozen = to_device(load_model(ref_model, AutoModelForCausalLM, model_config), accelerator)
             self.reference = ReferenceModel(frozen.eval().requires_grad_(False), shares_policy=False)
         else:
             self.reference = build_reference(policy, model_config, needed=not args.precompute_ref_log_probs)
+        refuse_unsharded_copies(accelerator, ["frozen reference"] if self.reference is not None
+                                and not self.reference.shares_policy else [])
         self._own_reference = ref_model is None
         self.collate_fn, self.accelerator, self.global_step = collate, accelerator, 0
         if args.precompute_ref_log_probs:

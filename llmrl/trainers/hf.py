@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from peft import PeftModel
 
+from llmrl.adapters import policy_export, starting_adapters
 from llmrl.config import ModelConfig, TrainConfig
 from llmrl.models import resolve_dtype
 from llmrl.trainers.checkpoint import resolve_resume
@@ -106,3 +108,12 @@ class HFRunMixin:
             self.evaluate()
         self.save_model(self.args.output_dir)  # the model (or adapter) and the tokenizer
         return self.state.log_history
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save; a final folder (not a checkpoint) of a model that started from adapter
+        folders then holds the one adapter on the true base that `llmrl.adapters` combines. Checkpoints
+        keep the Trainer's own adapter, the one its resume loads back onto the merged start."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        model = self.accelerator.unwrap_model(self.model)
+        if not _internal_call and self.args.should_save and isinstance(model, PeftModel) and starting_adapters(model):
+            policy_export(model).save_pretrained(output_dir or self.args.output_dir)

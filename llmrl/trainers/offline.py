@@ -13,7 +13,6 @@ always full (drop_last), so that count is per_device_train_batch_size x accumula
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -21,8 +20,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from llmrl.trainers.common import adamw, lr_schedule, replay_batches
+from llmrl.adapters import policy_export
+from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_exports
+from llmrl.trainers.common import adamw, gathered_state_dict, loss_scale, lr_schedule, replay_batches
 from llmrl.trainers.tracking import RunLogger
 
 
@@ -68,13 +68,13 @@ class OfflineTrainer:
         args, start = self.args, time.perf_counter()
         accum = args.gradient_accumulation_steps
         per_example: dict[str, list[torch.Tensor]] = {}
-        for k in range(accum):
+        for _ in range(accum):
             self.batches_consumed, batch = next(batches)
-            # DDP averages gradients over processes; each loss is a share of the whole step's sum,
-            # so scaling by the process count makes the average that sum.
-            with self.accelerator.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext():
+            # accelerate's accumulation contract: gradients sync and the optimizer (DeepSpeed's
+            # engine) steps on the step's last micro-batch only. Each loss is its share of the step.
+            with self.accelerator.accumulate(self.model):
                 losses, metrics = self.compute_loss(self.model, batch)
-                self.accelerator.backward(losses.sum() / self.examples_per_step * self.accelerator.num_processes)
+                self.accelerator.backward(losses.sum() / self.examples_per_step * loss_scale(self.accelerator))
             for key, value in {"loss": losses.detach(), **metrics}.items():
                 per_example.setdefault(key, []).append(value)
         max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure, do not clip
@@ -84,8 +84,9 @@ class OfflineTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        return {**self._means(per_example, self.accelerator.gather), "learning_rate": learning_rate,
-                "grad_norm": float(grad_norm), "step_time": time.perf_counter() - start}
+        norm = {} if grad_norm is None else {"grad_norm": float(grad_norm)}  # DeepSpeed may report none
+        return {**self._means(per_example, self.accelerator.gather), "learning_rate": learning_rate, **norm,
+                "step_time": time.perf_counter() - start}
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.global_step % every == 0
@@ -144,15 +145,19 @@ class OfflineTrainer:
         record = self.logger.log(metrics, self.global_step, prefix="eval/")
         return {key: value for key, value in record.items() if key != "step"}
 
+    def _exports(self, folder: str) -> dict:
+        """The model (or adapter) as a plain folder; every process must call it (sharded weights gather)."""
+        return {folder: (policy_export(self.accelerator.unwrap_model(self.model)),
+                         gathered_state_dict(self.accelerator, self.model))}
+
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
-                               {"batches_consumed": self.batches_consumed},
-                               self.accelerator.unwrap_model(self.model), self.tokenizer, self.args.save_total_limit)
+                               {"batches_consumed": self.batches_consumed}, self._exports("model"), self.tokenizer,
+                               self.args.save_total_limit)
 
     def save_model(self, output_dir: str):
         """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder."""
+        exports = self._exports(".")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
-            self.tokenizer.save_pretrained(output_dir)
+            write_exports(output_dir, exports, self.tokenizer)

@@ -19,7 +19,6 @@ same number of micro-batches.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -45,7 +44,7 @@ from llmrl.config import ModelConfig, RLConfig
 from llmrl.data import PROMPT_COLUMNS, PromptCollator, load_datasets, require_columns
 from llmrl.evaluation import evaluate_policy, sample_rows, score_rollout
 from llmrl.logprobs import completion_logprobs
-from llmrl.models import build_reference, load_policy, load_tokenizer
+from llmrl.models import build_reference, disable_dropout, load_policy, load_tokenizer
 from llmrl.rewards import overlong_penalty, resolve_reward_funcs
 from llmrl.rewards.model import RewardModelReward
 from llmrl.rollout import (
@@ -55,9 +54,18 @@ from llmrl.rollout import (
     informative_groups,
     stop_token_ids,
 )
-from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from llmrl.trainers.common import adamw, lr_schedule, make_accelerator, replay_batches
+from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_exports
+from llmrl.trainers.common import (
+    adamw,
+    gathered_state_dict,
+    loss_scale,
+    lr_schedule,
+    make_accelerator,
+    replay_batches,
+    to_device,
+)
 from llmrl.trainers.critic import Critic
+from llmrl.trainers.launch import refuse_unsharded_copies
 from llmrl.trainers.shared_critic import policy_export
 from llmrl.trainers.tracking import RunLogger, append_jsonl
 
@@ -98,12 +106,17 @@ class RLTrainer:
                              peft_config) if args.advantage_estimator == "gae" else None
         policy = load_policy(model_config, model=model, peft_config=peft_config)
         self.reference = build_reference(policy, model_config, needed=args.uses_kl)
+        if self.reference is not None and not self.reference.shares_policy:
+            to_device(self.reference.model, self.accelerator)  # a frozen copy: prepare() moves only the policy
         self.kl_coef = args.beta  # moved by the adaptive controller when kl_target is set
         self.reward_funcs = resolve_reward_funcs([*args.reward_funcs, *(reward_funcs or [])])
         if args.reward_model_name_or_path:  # the last reward, as reward_weights counts it
             self.reward_funcs.append(("reward_model", RewardModelReward(
                 args.reward_model_name_or_path, model_config=model_config,
                 batch_size=args.per_device_train_batch_size, device=self.accelerator.device)))
+        refuse_unsharded_copies(self.accelerator, [role for role, held in (
+            ("frozen reference copy", self.reference is not None and not self.reference.shares_policy),
+            ("reward model", args.reward_model_name_or_path is not None)) if held])
         if not self.reward_funcs:
             raise ValueError("No reward: set reward_funcs in the recipe (e.g. [accuracy]), reward_model_name_or_path, "
                              "or pass reward_funcs=.")
@@ -131,6 +144,10 @@ class RLTrainer:
         optimizer = adamw(policy.parameters(), args)
         if self.critic is not None:
             self.critic.attach(policy)  # a shared critic's adapter and head: before prepare, so DDP sees them
+        if args.disable_dropout:  # after attach: the critic's adapter brings its own lora_dropout
+            for module in (policy, self.reference and self.reference.model, self.critic and self.critic.model):
+                if module is not None:
+                    disable_dropout(module)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(policy, optimizer, loader)
         self.max_steps = self._total_steps()
         self.scheduler = lr_schedule(self.accelerator, self.optimizer, args, self.max_steps)
@@ -379,26 +396,30 @@ class RLTrainer:
                 if counts[1] == 0:  # only filler rows (dynamic sampling fell short): AdamW's momentum and
                     self._skip_update()  # weight decay would still move the weights with no data
                     continue
+                losses = {}  # this process's share of the step's loss (and value loss)
                 for k in range(accum):
                     micro = rows[k * size:(k + 1) * size]
-                    # DDP averages gradients over processes; the loss is already a share of the
-                    # global step's sum, so scale it back up to get the sum.
-                    with contextlib.ExitStack() as stack:
-                        if k < accum - 1:
-                            for model in models:
-                                stack.enter_context(self.accelerator.no_sync(model))
+                    # accelerate's accumulation contract: gradients sync (DDP, FSDP) and DeepSpeed's
+                    # engine steps on the last micro-batch of the step only (sync_gradients).
+                    with self.accelerator.accumulate(*models):
                         loss, m = self._micro_loss(rollout, micro, old_logprobs, ref_logprobs, advantages, counts)
-                        m["loss"] = loss.detach()
+                        losses["loss"] = losses.get("loss", 0.0) + loss.detach()
                         if self.critic is not None:
                             critic_loss, critic_metrics = self.critic.loss(rollout, micro, old_values, returns, counts)
                             loss = loss + args.vf_coef * critic_loss
+                            losses["critic/value_loss"] = losses.get("critic/value_loss", 0.0) + critic_loss.detach()
                             m.update(critic_metrics)
-                        self.accelerator.backward(loss * self.accelerator.num_processes)
+                        self.accelerator.backward(loss * loss_scale(self.accelerator))
                     for key, value in m.items():
                         step_metrics.setdefault(key, []).append(value)
+                # The step's loss is the sum of every micro-batch's share on every process; train()
+                # averages metrics over processes, so each reports its sum times the process count.
+                for key, value in losses.items():
+                    step_metrics.setdefault(key, []).append(value * self.accelerator.num_processes)
                 if args.max_grad_norm > 0:
                     grad_norm = self.accelerator.clip_grad_norm_(self._policy_parameters(), args.max_grad_norm)
-                    step_metrics.setdefault("grad_norm", []).append(grad_norm)
+                    if grad_norm is not None:  # DeepSpeed clips inside its step and may not report a norm
+                        step_metrics.setdefault("grad_norm", []).append(grad_norm)
                 step_metrics.setdefault("learning_rate", []).append(self.scheduler.get_last_lr()[0])
                 self.optimizer.step()
                 self.scheduler.step()
@@ -482,23 +503,28 @@ class RLTrainer:
         record = self.logger.log(metrics, self.global_step, prefix="eval/")
         return {key: value for key, value in record.items() if key != "step"}
 
+    def _exports(self, policy_folder: str) -> dict:
+        """The plain folders a save writes: the policy (or its adapter) at `policy_folder`, PPO's
+        critic at value_model/. Every process must call it: sharded weights are gathered here."""
+        exports = {policy_folder: (policy_export(self.accelerator.unwrap_model(self.model)),
+                                   gathered_state_dict(self.accelerator, self.model))}
+        if self.critic is not None:
+            critic = self.critic.model if not self.critic.shared else self.model
+            exports[VALUE_MODEL_DIR] = (self.critic.export(), gathered_state_dict(self.accelerator, critic))
+        return exports
+
     def save_checkpoint(self):
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
                                {"batches_consumed": self.batches_consumed, "kl_coef": self.kl_coef},
-                               policy_export(self.accelerator.unwrap_model(self.model)), self.tokenizer, self.args.save_total_limit,
-                               extra_exports={VALUE_MODEL_DIR: self.critic.export()} if self.critic else None)
+                               self._exports("model"), self.tokenizer, self.args.save_total_limit)
 
     def save_model(self, output_dir: str):
         """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder; PPO's
         critic goes to its `value_model/` subfolder (a token-classification model)."""
+        exports = self._exports(".")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            policy_export(self.accelerator.unwrap_model(self.model)).save_pretrained(output_dir)
-            self.tokenizer.save_pretrained(output_dir)
-            if self.critic is not None:
-                self.critic.export().save_pretrained(Path(output_dir) / VALUE_MODEL_DIR)
-                self.tokenizer.save_pretrained(Path(output_dir) / VALUE_MODEL_DIR)
+            write_exports(output_dir, exports, self.tokenizer)
 
 
 def run(recipe):

@@ -37,6 +37,7 @@ import trl
 from peft import PeftModel
 from transformers import set_seed
 
+from llmrl.adapters import check_chain
 from llmrl.config import ModelConfig, RewardConfig
 from llmrl.data import DataError, load_datasets, require_columns
 from llmrl.models import HEAD_NAMES, last_token_index, load_reward_model, load_tokenizer, lora_config, padded_forward
@@ -132,6 +133,7 @@ class RewardTrainer(HFRunMixin, trl.RewardTrainer):
         super().__init__(model=reward_model, args=hf_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=peft_config, **trainer_kwargs)
         self._use_logging_dir()
+        check_chain(self.model)
         self._score_head = _scalar_head(self.model)
         self._report_dropped(len(train_dataset), self.train_dataset, "train_dataset")
         if eval_dataset is not None:

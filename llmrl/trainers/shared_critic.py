@@ -27,9 +27,11 @@ from peft import PeftModel, PeftType, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from transformers.modeling_outputs import TokenClassifierOutput
 
+from llmrl.adapters import CRITIC_ADAPTER, Adapter, combine, starting_adapters
+# policy_export lives with the other adapter exports (llmrl.adapters); the online trainer imports it from here.
+from llmrl.adapters import policy_export  # noqa: F401
 from llmrl.models import HEAD_NAMES, adapter_is_trained, enable_checkpointing, lora_config
 
-CRITIC_ADAPTER = "critic"
 VALUE_HEAD = "value_head"  # the head's attribute on the policy's PeftModel
 
 
@@ -155,28 +157,15 @@ class SharedCriticExport:
         config = copy.deepcopy(self.policy.peft_config[CRITIC_ADAPTER])
         config.task_type, config.inference_mode = "TOKEN_CLS", True
         config.modules_to_save = list(HEAD_NAMES)
-        config.save_pretrained(str(folder))
         weights = get_peft_model_state_dict(self.policy, adapter_name=CRITIC_ADAPTER)
         # The keys of a TOKEN_CLS PeftModel: its backbone has the causal LM's name (`model`), its head is `score`.
         head = getattr(self.policy, VALUE_HEAD)
         weights |= {f"base_model.model.{HEAD_NAMES[0]}.weight": head.weight, f"base_model.model.{HEAD_NAMES[0]}.bias": head.bias}
+        if starting_adapters(self.policy):  # the critic ran on base + starting adapters, merged: save them with it
+            base = self.policy.get_base_model()
+            lm_head = next(name for name, module in base.named_modules() if module is base.get_output_embeddings())
+            modules = {name for name, _ in base.named_modules() if name.split(".")[0] != lm_head} | {HEAD_NAMES[0]}
+            config, weights = combine([*starting_adapters(self.policy), Adapter(config, weights, "the critic")], modules)
+        config.save_pretrained(str(folder))
         safetensors.torch.save_file({key: value.detach().cpu().contiguous() for key, value in weights.items()},
                                     str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
-class PolicyAdapters:
-    """`save_pretrained` of a PeftModel's policy adapter(s) only: the critic's goes to value_model/."""
-
-    def __init__(self, policy: PeftModel):
-        self.policy = policy
-
-    def save_pretrained(self, folder, **kwargs) -> None:
-        adapters = [name for name in self.policy.peft_config if name != CRITIC_ADAPTER]
-        self.policy.save_pretrained(folder, selected_adapters=adapters, **kwargs)
-
-
-def policy_export(policy):
-    """What saves as the policy's folder: the model itself, or its adapters less a shared critic's."""
-    if isinstance(policy, PeftModel) and CRITIC_ADAPTER in policy.peft_config:
-        return PolicyAdapters(policy)
-    return policy

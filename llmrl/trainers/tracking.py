@@ -88,9 +88,11 @@ class RunLogger:
         return record
 
     def close(self):
+        """Finish the trackers (flush their files). Not `accelerator.end_training()`: it also
+        destroys the process group, which the final save still needs to wait for every process."""
         self.bar.close()
-        if self.accelerator.log_with:
-            self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 def append_jsonl(path, rows: list[dict]) -> None:
