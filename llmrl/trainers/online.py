@@ -149,6 +149,12 @@ class RLTrainer:
                 if module is not None:
                     disable_dropout(module)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(policy, optimizer, loader)
+        if len(self.loader) == 0:  # else replay_batches would loop for ever over an empty loader
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} prompts, fewer than one rollout draws: "
+                f"{self.prompts_per_rollout} per process x {self.accelerator.num_processes} process(es) (a rollout is "
+                "per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches completions, "
+                "num_generations per prompt). Add prompts, or lower one of those settings.")
         self.max_steps = self._total_steps()
         self.scheduler = lr_schedule(self.accelerator, self.optimizer, args, self.max_steps)
         if self.critic is not None:
