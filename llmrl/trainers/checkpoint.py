@@ -1,18 +1,28 @@
 """Checkpoints every trainer writes and resumes from.
 
-`output_dir/checkpoint-<step>/` holds accelerate's state (model, optimizer, registered scheduler,
-every process's RNG), `trainer_state.json` (step and data position) and `model/`, a plain
+`output_dir/checkpoint-<step>/` holds accelerate's state (model, optimizer, every process's RNG),
+`trainer_state.json` (step, data position and the LR schedules' states) and `model/`, a plain
 `save_pretrained` folder (full model or adapter, plus tokenizer) that loads with no llmrl import.
 It is written under a temporary name and renamed when complete, so a crash mid-save never leaves a
 broken newest checkpoint: a half-written one keeps its temporary name and is ignored.
+
+Resuming never unpickles: a checkpoint may come from someone else, and unpickling runs whatever
+code the file names. The schedules are JSON in trainer_state.json, not objects registered with
+accelerate (which reloads those with `weights_only=False`); accelerate loads the optimizer and RNG
+files with `weights_only=True`, and the RNG files, whose failure it would swallow, are checked here
+first, so a file that needs more than tensors and plain values is refused by name.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 
@@ -56,13 +66,14 @@ def write_exports(folder, exports: dict, tokenizer) -> None:
 
 
 def save_checkpoint(accelerator, output_dir, step: int, state: dict, exports: dict, tokenizer,
-                    save_total_limit: int | None = None) -> Path:
+                    save_total_limit: int | None = None, schedulers=()) -> Path:
     """Write `checkpoint-<step>` atomically (every process must call this); returns its path.
 
     `exports` ({subfolder: (export, state_dict)}, see `write_exports`; the policy as "model") are
-    the plain folders; `state` goes to trainer_state.json. With `save_total_limit`, only the newest
-    that many checkpoints are kept.
+    the plain folders; `state` and the `schedulers`' states go to trainer_state.json. With
+    `save_total_limit`, only the newest that many checkpoints are kept.
     """
+    state = {**state, "lr_schedulers": [scheduler.state_dict() for scheduler in schedulers]}
     final = Path(output_dir) / f"{PREFIX}{step}"
     tmp = Path(output_dir) / f".tmp-{PREFIX}{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -84,7 +95,48 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, exports: di
     return final
 
 
-def load_checkpoint(accelerator, path) -> dict:
-    """Restore model, optimizer, scheduler and RNG from `path`; returns its trainer_state.json."""
+def _safe_load(path: Path):
+    """`path` loaded as tensors and plain values only (accelerate's `load`: weights_only=True, numpy
+    arrays allowed), or a ValueError that names the file."""
+    from accelerate.utils import load
+
+    try:
+        return load(path, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - any failure: the file is not what llmrl wrote
+        raise ValueError(
+            f"Refusing to resume from {path}: it does not load as tensors and plain values ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}). llmrl never unpickles objects from a checkpoint, since unpickling "
+            "runs whatever code the file names; resume only checkpoints you trust, or start the run afresh.") from None
+
+
+def load_checkpoint(accelerator, path, schedulers=()) -> dict:
+    """Restore model, optimizer, RNG and the `schedulers` from `path`; returns its trainer_state.json."""
+    path = Path(path)
+    pickled = sorted(p.name for p in path.glob("custom_checkpoint_*"))
+    if pickled:  # accelerate would unpickle these with weights_only=False: any code they name would run
+        raise ValueError(
+            f"Refusing to resume from {path}: {pickled[0]} is a pickled object, which llmrl never loads (unpickling runs "
+            "whatever code the file names). llmrl writes none (its LR schedules are in trainer_state.json); an older "
+            "llmrl kept the schedule there: delete the file to resume, and the schedule is rebuilt from the step.")
+    rng = path / f"random_states_{accelerator.process_index}.pkl"
+    if rng.is_file():
+        _safe_load(rng)  # accelerate would swallow this failure and resume with other random numbers
+    else:
+        logger.warning("%s holds no %s: this process resumes with fresh random numbers, so the run will not "
+                       "repeat an uninterrupted one exactly.", path, rng.name)
     accelerator.load_state(str(path))
-    return json.loads((Path(path) / "trainer_state.json").read_text())
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved = state.get("lr_schedulers")
+    if saved is None:  # an older checkpoint: each schedule is a function of the step, one step() per step
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore")
+            for scheduler in schedulers:
+                for _ in range(state["step"]):
+                    scheduler.step()
+        return state
+    if len(saved) != len(schedulers):
+        raise ValueError(f"{path} holds {len(saved)} learning-rate schedule(s), this run has {len(schedulers)}: "
+                         "it was written by another kind of run (e.g. PPO with a critic against one without).")
+    for scheduler, scheduler_state in zip(schedulers, saved):
+        scheduler.load_state_dict(scheduler_state)
+    return state

@@ -49,10 +49,8 @@ def adamw(parameters, args, lr: float | None = None) -> torch.optim.AdamW:
                              weight_decay=args.weight_decay)
 
 
-def lr_schedule(accelerator, optimizer, args, max_steps: int):
+def lr_schedule(optimizer, args, max_steps: int):
     """The config's schedule for a prepared `optimizer` over `max_steps` optimizer steps (warmup
-    from warmup_steps, else warmup_ratio), registered so that checkpoints save it."""
+    from warmup_steps, else warmup_ratio). Checkpoints keep its state as JSON (checkpoint.py)."""
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * max_steps)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
-    accelerator.register_for_checkpointing(scheduler)
-    return scheduler
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)

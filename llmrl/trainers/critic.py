@@ -96,7 +96,7 @@ class Critic:
         else:
             self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
             self.value_model = self.model
-        self.scheduler = lr_schedule(accelerator, self.optimizer, args, max_steps)
+        self.scheduler = lr_schedule(self.optimizer, args, max_steps)
 
     @torch.no_grad()
     def values(self, rollout, batch_size: int) -> torch.Tensor:

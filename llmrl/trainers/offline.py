@@ -50,7 +50,7 @@ class OfflineTrainer:
         self.examples_per_step = size * args.gradient_accumulation_steps * processes
         self.max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * len(self.loader) / args.gradient_accumulation_steps)
-        self.scheduler = lr_schedule(accelerator, self.optimizer, args, self.max_steps)
+        self.scheduler = lr_schedule(self.optimizer, args, self.max_steps)
         self._config = config if config is not None else vars(args)
         self.logger: RunLogger | None = None
         self.global_step = 0
@@ -96,7 +96,7 @@ class OfflineTrainer:
         args, skip = self.args, 0
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         if resume is not None:
-            state = load_checkpoint(self.accelerator, resume)
+            state = load_checkpoint(self.accelerator, resume, [self.scheduler])
             self.global_step, skip = state["step"], state["batches_consumed"]
             if self.accelerator.is_main_process:
                 print(f"resumed from {resume} at step {self.global_step}")
@@ -153,7 +153,7 @@ class OfflineTrainer:
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
                                {"batches_consumed": self.batches_consumed}, self._exports("model"), self.tokenizer,
-                               self.args.save_total_limit)
+                               self.args.save_total_limit, [self.scheduler])
 
     def save_model(self, output_dir: str):
         """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder."""

@@ -156,7 +156,7 @@ class RLTrainer:
                 "per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches completions, "
                 "num_generations per prompt). Add prompts, or lower one of those settings.")
         self.max_steps = self._total_steps()
-        self.scheduler = lr_schedule(self.accelerator, self.optimizer, args, self.max_steps)
+        self.scheduler = lr_schedule(self.optimizer, args, self.max_steps)
         if self.critic is not None:
             self.critic.prepare(self.model, self.max_steps)
         self._config = config if config is not None else vars(args)
@@ -462,7 +462,7 @@ class RLTrainer:
         skip = 0
         resume = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir)
         if resume is not None:
-            state = load_checkpoint(self.accelerator, resume)
+            state = load_checkpoint(self.accelerator, resume, self._schedulers())
             self.global_step, skip = state["step"], state["batches_consumed"]
             self.kl_coef = state.get("kl_coef", self.kl_coef)
             if self.accelerator.is_main_process:
@@ -522,7 +522,11 @@ class RLTrainer:
     def save_checkpoint(self):
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
                                {"batches_consumed": self.batches_consumed, "kl_coef": self.kl_coef},
-                               self._exports("model"), self.tokenizer, self.args.save_total_limit)
+                               self._exports("model"), self.tokenizer, self.args.save_total_limit, self._schedulers())
+
+    def _schedulers(self) -> list:
+        """The run's LR schedules, in the order checkpoints keep them: the policy's, then the critic's."""
+        return [self.scheduler] + ([self.critic.scheduler] if self.critic is not None else [])
 
     def save_model(self, output_dir: str):
         """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder; PPO's
