@@ -182,6 +182,27 @@ def test_impossible_combinations_say_why(values, message):
         RLConfig(**values)
 
 
+@pytest.mark.parametrize("values, message", [
+    (dict(num_iterations=0), r"num_iterations=0 is not valid: it must be an integer >= 1 \(passes over each rollout\)"),
+    (dict(max_prompt_length=-5), r"max_prompt_length=-5 .* >= 1"),
+    (dict(max_completion_length=0), r"max_completion_length=0 .* >= 1"),
+    (dict(top_k=-5), r"top_k=-5 .* >= 0"),
+    (dict(num_mini_batches=0), r"num_mini_batches=0 .* >= 1"),
+    (dict(max_grad_norm=-1.0), r"max_grad_norm=-1.0 .* >= 0.0"),
+    (dict(save_steps=-1), r"save_steps=-1 .* >= 0"),
+    (dict(max_steps=0), r"max_steps=0 would train nothing"),
+    (dict(learning_rate=float("inf")), r"learning_rate=inf .* a finite number"),
+    (dict(num_generations=2.5), r"num_generations=2.5 .* an integer"),
+    (dict(reward_funcs=5), r"reward_funcs=5 is not valid: it must be a list of reward names"),
+])
+def test_settings_out_of_range_name_the_field_and_the_rule(values, message):
+    """Each of these ran into a hang (num_iterations 0), silent misuse (max_prompt_length -5 cut
+    every prompt's first 5 tokens; max_grad_norm -1, save_steps -1 and max_steps 0 ran) or a torch /
+    DataLoader traceback that named no setting."""
+    with pytest.raises(ValueError, match=message):
+        RLConfig(algorithm="grpo", **values)
+
+
 def test_recipe_naming_an_unknown_reward_function_names_it(tmp_path):
     path = write(tmp_path, "algorithm: grpo\nreward_funcs: [accuracy, formatt]\n")
     with pytest.raises(RecipeError, match=r"recipe.yaml: unknown reward function 'formatt'.*Did you mean 'format'"):

@@ -46,8 +46,12 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def test_ppo_learns_and_its_critic_learns_the_returns(tiny_model_dir, tmp_path):
-    history = ppo(tiny_model_dir, tmp_path).train()
+@pytest.mark.parametrize("seed", [0, 5])
+def test_ppo_learns_and_its_critic_learns_the_returns(tiny_model_dir, tmp_path, seed):
+    """Measured over seeds 0-5 (digit fraction, mean of the last 5 steps against the start and the
+    first 3): with 16 completions a step seed 5 did not learn (0.11 -> 0.104); with 32 every seed
+    gains 0.12 (seed 5) to 0.18, value loss falls 20-30x and explained variance ends above 0.93."""
+    history = ppo(tiny_model_dir, tmp_path, seed=seed, per_device_train_batch_size=32).train()
     digits = [h["rewards/digit_fraction"] for h in history]
     value_loss = [h["critic/value_loss"] for h in history]
     explained = [h["critic/explained_variance"] for h in history]

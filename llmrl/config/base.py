@@ -17,6 +17,29 @@ def closest_name(name: str, valid) -> str:
     return match[0] if match else ""
 
 
+def check_ranges(owner: str, config, ranges: dict) -> None:
+    """Each field of `ranges` ({name: (kind, low, high, what)}) is a finite number of `kind`
+    (int or float) with low <= value <= high (None: unbounded); else a ValueError that names the
+    field, the rule and what the field does. A bad value met later would be a torch or DataLoader
+    traceback that names no setting, a hang (num_iterations: 0) or a silent misuse (a negative
+    max_prompt_length cuts every prompt's first tokens)."""
+    import math
+
+    for name, (kind, low, high, what) in ranges.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        fits = numeric and (kind is float or float(value).is_integer()) and math.isfinite(value)
+        fits = fits and (low is None or value >= low) and (high is None or value <= high)
+        if not fits:
+            bounds = " and ".join(part for part in (f">= {low}" if low is not None else "",
+                                                    f"<= {high}" if high is not None else "") if part)
+            kind_name = "an integer" if kind is int else "a finite number"
+            raise ValueError(f"{owner}.{name}={value!r} is not valid: it must be {kind_name}"
+                             f"{' ' + bounds if bounds else ''} ({what}).")
+
+
 def check_choice(owner: str, name: str, value, valid) -> None:
     if value not in valid:
         hint = closest_name(str(value), [str(v) for v in valid])
@@ -120,6 +143,23 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+# The numeric settings every trainer shares: (kind, low, high, what the field does); see check_ranges.
+TRAIN_RANGES = {
+    "learning_rate": (float, 0.0, None, "AdamW's peak learning rate"),
+    "warmup_steps": (int, 0, None, "warmup steps"),
+    "weight_decay": (float, 0.0, None, "AdamW's weight decay"),
+    "adam_beta1": (float, 0.0, 0.999999, "AdamW's beta1, in [0, 1)"),
+    "adam_beta2": (float, 0.0, 0.999999, "AdamW's beta2, in [0, 1)"),
+    "adam_epsilon": (float, 1e-30, None, "AdamW's epsilon, > 0"),
+    "max_grad_norm": (float, 0.0, None, "gradient clipping norm; 0 = no clipping"),
+    "num_train_epochs": (float, 0.0, None, "passes over the training data"),
+    "max_steps": (int, -1, None, "optimizer steps; -1 = num_train_epochs"),
+    "logging_steps": (int, 1, None, "log every N optimizer steps"),
+    "eval_steps": (int, 0, None, "evaluate every N steps; 0 = only at the end"),
+    "save_steps": (int, 0, None, "checkpoint every N steps; 0 = only the final model"),
+    "save_total_limit": (int, 1, None, "checkpoints kept; unset = all"),
+}
 TRACKERS = ("none", "tensorboard", "wandb", "trackio")
 
 
@@ -176,5 +216,9 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        check_ranges(self.algorithm, self, TRAIN_RANGES)
+        if self.max_steps == 0:
+            raise ValueError(f"{self.algorithm}.max_steps=0 would train nothing: give a number of optimizer steps, "
+                             "or -1 to train num_train_epochs passes.")
         if self.run_name is None:
             self.run_name = self.output_dir.rstrip("/").split("/")[-1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmrl.config.base import TrainConfig, _help, check_choice
+from llmrl.config.base import TrainConfig, _help, check_choice, check_ranges
 
 # The values every online preset starts from; each preset then states only what differs.
 _ONLINE_BASE = dict(
@@ -47,6 +47,26 @@ KL_PLACEMENTS = ("loss", "reward")
 # in the reward, k1 (the unbiased per-token log-ratio, as PPO-RLHF and REINFORCE++ use it); in the
 # loss, k3 (TRL's and verl's low-variance choice). k1 is never put in the loss: see _check_kl.
 KL_ESTIMATOR_FOR = {"reward": "k1", "loss": "k3"}
+
+# The online numeric settings: (kind, low, high, what the field does); see check_ranges.
+ONLINE_RANGES = {
+    "num_generations": (int, 1, None, "completions per prompt"),
+    "max_prompt_length": (int, 1, None, "prompt tokens kept (the last ones)"),
+    "max_completion_length": (int, 1, None, "most tokens generated per completion"),
+    "top_k": (int, 0, None, "sample from the k likeliest tokens; 0 = off"),
+    "num_mini_batches": (int, 1, None, "optimizer steps per rollout and iteration"),
+    "num_iterations": (int, 1, None, "passes over each rollout"),
+    "max_gen_batches": (int, 1, None, "most prompt batches generated to fill one rollout"),
+    "gamma": (float, 0.0, 1.0, "discount factor"),
+    "lam": (float, 0.0, 1.0, "GAE lambda"),
+    "overlong_penalty_factor": (float, 0.0, None, "soft overlong punishment; 0 = off"),
+    "vf_coef": (float, 0.0, None, "weight of the value loss"),
+    "cliprange_value": (float, 0.0, None, "clip range of the value loss"),
+    "value_learning_rate": (float, 0.0, None, "the critic's learning rate"),
+    "kl_horizon": (int, 1, None, "adaptive KL controller horizon"),
+    "missing_eos_penalty": (float, None, None, "subtracted from completions without EOS"),
+    "log_completions_steps": (int, 0, None, "write sample completions every N steps; 0 = never"),
+}
 
 
 def _preset(text: str, **extra) -> dict:
@@ -208,6 +228,11 @@ class RLConfig(TrainConfig):
         check_choice(where, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice(where, "kl_placement", self.kl_placement, KL_PLACEMENTS)
         check_choice(where, "scale_rewards", self.scale_rewards, REWARD_SCALES)
+        check_ranges(where, self, ONLINE_RANGES)
+        if not isinstance(self.reward_funcs, (list, tuple)) or not all(isinstance(spec, str) for spec in self.reward_funcs):
+            raise ValueError(f"reward_funcs={self.reward_funcs!r} is not valid: it must be a list of reward names (e.g. "
+                             "[accuracy]) or 'package.module:function' strings; functions themselves go to "
+                             "RLTrainer(reward_funcs=...).")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
         if self.num_generations < 2 and self.advantage_estimator in GROUP_ESTIMATORS:
