@@ -118,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     from llmrl.data import DataError
     from llmrl.recipe import RecipeError
     from llmrl.rewards import RewardFunctionError, RewardSpecError
+    from llmrl.trainers.guards import NonFiniteError
 
     try:
         return COMMANDS[command](rest)
-    except (RecipeError, DataError, RewardSpecError, RewardFunctionError) as err:
+    except (RecipeError, DataError, RewardSpecError, RewardFunctionError, NonFiniteError) as err:
         print(f"llmrl: error: {err}", file=sys.stderr)
         return 2
     except NotImplementedError as err:

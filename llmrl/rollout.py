@@ -155,6 +155,12 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     # The model builds its own cache type (sliding windows, hybrid layers) on the first call.
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
+    if not torch.isfinite(out.logits[:, -1]).all():  # one check per rollout: sampling would fail on NaN
+        from llmrl.trainers.guards import NonFiniteError
+
+        raise NonFiniteError("The policy's logits are not finite, so its weights are not: an update overflowed. "
+                             "Resume from the last checkpoint (llmrl never saves non-finite weights) with a lower "
+                             "learning_rate or max_grad_norm set.")
     position = positions[:, -1:]
     finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     tokens = []

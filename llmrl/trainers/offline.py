@@ -13,6 +13,7 @@ always full (drop_last), so that count is per_device_train_batch_size x accumula
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,7 +24,10 @@ from torch.utils.data import DataLoader
 from llmrl.adapters import policy_export
 from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_exports
 from llmrl.trainers.common import adamw, gathered_state_dict, loss_scale, lr_schedule, replay_batches
+from llmrl.trainers.guards import NonFiniteError, NonFiniteGuard, weights_finite
 from llmrl.trainers.tracking import RunLogger
+
+logger = logging.getLogger(__name__)
 
 
 class OfflineTrainer:
@@ -53,6 +57,7 @@ class OfflineTrainer:
         self.scheduler = lr_schedule(self.optimizer, args, self.max_steps)
         self._config = config if config is not None else vars(args)
         self.logger: RunLogger | None = None
+        self.guard = NonFiniteGuard(accelerator)
         self.global_step = 0
         self.batches_consumed = 0  # micro-batches drawn so far: the data position a resume restores
 
@@ -80,7 +85,12 @@ class OfflineTrainer:
         max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure, do not clip
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         learning_rate = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        term = self.guard.first_nonfinite(loss=torch.cat(per_example["loss"]), gradient=grad_norm)
+        if term is None:
+            self.guard.passed()
+            self.optimizer.step()
+        else:  # the weights and Adam's moments stay; the step count and the schedule move on
+            self.guard.skipped(self.global_step + 1, term)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -150,13 +160,20 @@ class OfflineTrainer:
         return {folder: (policy_export(self.accelerator.unwrap_model(self.model)),
                          gathered_state_dict(self.accelerator, self.model))}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        if not weights_finite(self.accelerator, [self.model]):
+            logger.warning("step %d: the weights are not finite; checkpoint-%d not written (the earlier ones are kept).",
+                           self.global_step, self.global_step)
+            return None
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
                                {"batches_consumed": self.batches_consumed}, self._exports("model"), self.tokenizer,
                                self.args.save_total_limit, [self.scheduler])
 
     def save_model(self, output_dir: str):
         """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder."""
+        if not weights_finite(self.accelerator, [self.model]):
+            raise NonFiniteError(f"The trained weights are not finite, so nothing was saved to {output_dir}; the "
+                                 "checkpoints written before are intact. Lower learning_rate and resume from one.")
         exports = self._exports(".")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:

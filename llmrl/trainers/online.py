@@ -65,6 +65,7 @@ from llmrl.trainers.common import (
     to_device,
 )
 from llmrl.trainers.critic import Critic
+from llmrl.trainers.guards import NonFiniteError, NonFiniteGuard, weights_finite
 from llmrl.trainers.launch import refuse_unsharded_copies
 from llmrl.trainers.shared_critic import policy_export
 from llmrl.trainers.tracking import RunLogger, append_jsonl
@@ -161,6 +162,7 @@ class RLTrainer:
             self.critic.prepare(self.model, self.max_steps)
         self._config = config if config is not None else vars(args)
         self.logger: RunLogger | None = None
+        self.guard = NonFiniteGuard(self.accelerator)
         self.global_step = 0
         self.batches_consumed = 0  # prompt batches drawn so far: the data position a resume restores
 
@@ -358,6 +360,11 @@ class RLTrainer:
         rollout = rollout.to(self.accelerator.device)
         rewards = rewards.to(self.accelerator.device)
         updates = args.num_iterations * args.num_mini_batches
+        if self.guard.first_nonfinite(reward=rewards) is not None:  # e.g. a reward that overflowed
+            for _ in range(updates):
+                self.guard.skipped(self.global_step + 1, "reward")
+                self._skip_update()
+            return {**metrics, "skipped": 1.0}
         if self._step_counts(rollout.completion_mask)[1] == 0:
             if metrics["rewards/scorable_rows"] == 0:
                 logger.warning(
@@ -382,9 +389,14 @@ class RLTrainer:
         ref_logprobs = self._logprobs_no_grad(self.reference, rollout) if self.reference is not None else None
         old_values = self.critic.values(rollout, size) if self.critic is not None else None
         advantages, returns = self.advantages(rollout, rewards, old_logprobs, ref_logprobs, old_values)
+        valid = rollout.completion_mask.bool()
+        if self.guard.first_nonfinite(advantages=advantages[valid]) is not None:
+            for _ in range(updates):
+                self.guard.skipped(self.global_step + 1, "advantages")
+                self._skip_update()
+            return {**metrics, "skipped": 1.0}
         if old_logprobs is not None and ref_logprobs is not None:  # after: this rollout used the old coefficient
             metrics.update(self._update_kl_coef(rollout, old_logprobs, ref_logprobs))
-        valid = rollout.completion_mask.bool()
         metrics["advantages/mean"] = advantages[valid].mean().item() if valid.any() else 0.0
         metrics["advantages/std"] = advantages[valid].std().item() if valid.sum() > 1 else 0.0
         if self.critic is not None:
@@ -422,10 +434,20 @@ class RLTrainer:
                 # averages metrics over processes, so each reports its sum times the process count.
                 for key, value in losses.items():
                     step_metrics.setdefault(key, []).append(value * self.accelerator.num_processes)
-                if args.max_grad_norm > 0:
-                    grad_norm = self.accelerator.clip_grad_norm_(self._policy_parameters(), args.max_grad_norm)
-                    if grad_norm is not None:  # DeepSpeed clips inside its step and may not report a norm
-                        step_metrics.setdefault("grad_norm", []).append(grad_norm)
+                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure, do not clip
+                grad_norm = self.accelerator.clip_grad_norm_(self._policy_parameters(), max_norm)
+                term = self.guard.first_nonfinite(loss=losses["loss"], value_loss=losses.get("critic/value_loss"),
+                                                  gradient=grad_norm)
+                if term is not None:  # the weights, Adam's moments and the critic stay as they are
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.critic is not None:
+                        self.critic.optimizer.zero_grad(set_to_none=True)
+                    self.guard.skipped(self.global_step + 1, term.replace("_", " "))
+                    self._skip_update()
+                    continue
+                self.guard.passed()
+                if grad_norm is not None:  # DeepSpeed clips inside its step and may not report a norm
+                    step_metrics.setdefault("grad_norm", []).append(grad_norm)
                 step_metrics.setdefault("learning_rate", []).append(self.scheduler.get_last_lr()[0])
                 self.optimizer.step()
                 self.scheduler.step()
@@ -519,7 +541,17 @@ class RLTrainer:
             exports[VALUE_MODEL_DIR] = (self.critic.export(), gathered_state_dict(self.accelerator, critic))
         return exports
 
+    def _weights_finite(self, what: str) -> bool:
+        models = [self.model] + ([self.critic.model] if self.critic is not None and not self.critic.shared else [])
+        if weights_finite(self.accelerator, models):
+            return True
+        logger.warning("step %d: the weights are not finite; %s not written (the earlier ones are kept).",
+                       self.global_step, what)
+        return False
+
     def save_checkpoint(self):
+        if not self._weights_finite(f"checkpoint-{self.global_step}"):
+            return None
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
                                {"batches_consumed": self.batches_consumed, "kl_coef": self.kl_coef},
                                self._exports("model"), self.tokenizer, self.args.save_total_limit, self._schedulers())
@@ -531,6 +563,9 @@ class RLTrainer:
     def save_model(self, output_dir: str):
         """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder; PPO's
         critic goes to its `value_model/` subfolder (a token-classification model)."""
+        if not self._weights_finite("the final model"):
+            raise NonFiniteError(f"The trained weights are not finite, so nothing was saved to {output_dir}; the "
+                                 "checkpoints written before are intact. Lower learning_rate and resume from one.")
         exports = self._exports(".")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
