@@ -118,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     from llmrl.data import DataError
     from llmrl.recipe import RecipeError
     from llmrl.rewards import RewardFunctionError, RewardSpecError
+    from llmrl.trainers.checkpoint import CheckpointError
     from llmrl.trainers.guards import NonFiniteError
 
     try:
         return COMMANDS[command](rest)
-    except (RecipeError, DataError, RewardSpecError, RewardFunctionError, NonFiniteError) as err:
+    except (RecipeError, DataError, RewardSpecError, RewardFunctionError, CheckpointError, NonFiniteError) as err:
         print(f"llmrl: error: {err}", file=sys.stderr)
         return 2
     except NotImplementedError as err:

@@ -32,7 +32,8 @@ def demo_recipe(name: str, output_dir: Path, model_dir: Path, **overrides):
     for key in ("dataset_name", "eval_dataset_name"):
         if values.get(key):
             values[key] = str(ROOT / values[key])
-    values.update(model_name_or_path=str(model_dir), output_dir=str(output_dir), **overrides)
+    # The demo regenerates its folders on every run: a rerun replaces the previous run's models.
+    values.update(model_name_or_path=str(model_dir), output_dir=str(output_dir), overwrite_output_dir=True, **overrides)
     return load_recipe(None, **values)
 
 
@@ -102,12 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n=== [{time.perf_counter() - start:5.0f}s] {text}", flush=True)
 
     torch.set_num_threads(args.threads)
-    seed = [] if args.seed == 0 else [f"--seed {args.seed}"]  # the recipes' seed is 0
+    flags = ["--overwrite_output_dir true"] + ([] if args.seed == 0 else [f"--seed {args.seed}"])  # recipes: seed 0
     banner(f"1/5 build the tiny model: python -m llmrl.tiny {out}/tiny --preset demo --seed {args.seed}")
     model, _ = build_tiny_model(str(out / "tiny"), **PRESETS["demo"], seed=args.seed)
     print(f"a {model.num_parameters():,}-parameter Llama-type model with a character tokenizer, built offline")
 
-    banner(command("2/5 SFT warm-start: llmrl train recipes/demo/sft.yaml", f"--output_dir {out}/sft", *seed))
+    banner(command("2/5 SFT warm-start: llmrl train recipes/demo/sft.yaml", f"--output_dir {out}/sft", *flags))
     train(demo_recipe("sft", out / "sft", out / "tiny", seed=args.seed))
 
     banner(command("3/5 held-out accuracy before RL: llmrl eval", f"--model_name_or_path {out}/sft",
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = [] if args.rl_steps is None else [f"--max_steps {args.rl_steps}"]
     rl_dir = out / args.algorithm
     banner(command(f"4/5 RL with only an answer checker: llmrl train recipes/demo/{args.algorithm}.yaml",
-                   f"--output_dir {rl_dir}", *seed, *steps))
+                   f"--output_dir {rl_dir}", *flags, *steps))
     overrides = {"seed": args.seed, **({} if args.rl_steps is None else {"max_steps": args.rl_steps})}
     history = train(demo_recipe(args.algorithm, rl_dir, out / "sft", **overrides))
 

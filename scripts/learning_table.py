@@ -66,7 +66,7 @@ def heldout_accuracy(model_dir: str, logs: Path, name: str) -> float:
 
 def train(recipe: str, out_dir: str, logs: Path) -> tuple[float, float]:
     """`llmrl train recipes/demo/RECIPE.yaml`, its paths moved under `out_dir`."""
-    flags = ["--output_dir", f"{out_dir}/{recipe}", "--disable_tqdm", "true"]
+    flags = ["--output_dir", f"{out_dir}/{recipe}", "--disable_tqdm", "true", "--overwrite_output_dir", "true"]
     if recipe != "sft":
         flags += ["--model_name_or_path", f"{out_dir}/sft"]
     if recipe == "ppo_reward_model":

@@ -74,7 +74,7 @@ def test_dpo_starts_at_ln2_with_a_dropout_model(dropout_model_dir, tmp_path):
                                         for i in range(8)])
 
     def first_loss(**overrides):
-        args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_prompt_length=16,
+        args = DPOConfig(output_dir=str(tmp_path / f"out{len(overrides)}"), per_device_train_batch_size=8, max_prompt_length=16,
                          max_length=32, max_steps=1, save_steps=0, logging_steps=1000, disable_tqdm=True, seed=0,
                          **overrides)
         return DPOTrainer(dropout_model_dir, args, pairs).train()[0]["loss"]

@@ -200,6 +200,11 @@ class TrainConfig:
         default_factory=lambda: ["none"],
         metadata=_help(f"Trackers to log to: {', '.join(TRACKERS)}."),
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help("Let a fresh run replace the checkpoints, model and samples of a previous run in output_dir "
+                       "(else it stops; resume_from_checkpoint: true continues the previous run)."),
+    )
     logging_dir: str | None = field(default=None, metadata=_help("Tracker log folder; defaults to output_dir/runs."))
     disable_tqdm: bool = field(default=False, metadata=_help("Hide the progress bar."))
 

@@ -34,11 +34,13 @@ RUNNERS: dict[type, object] = {RLConfig: _run_online, DPOConfig: _run_dpo, SFTCo
 
 
 def train(recipe):
-    """Run the trainer that `recipe.args.algorithm` selects; print and save the resolved config first."""
+    """Run the trainer that `recipe.args.algorithm` selects: refuse an output_dir another run holds,
+    print the resolved config, and save it once the trainer is built."""
+    from llmrl.trainers.checkpoint import claim_output_dir
     from llmrl.trainers.common import process_state
 
     runner = RUNNERS[ALGORITHMS[recipe.args.algorithm]]
+    claim_output_dir(recipe.args, process_state())
     if process_state().is_main_process:
-        print(f"Resolved config ({recipe.source or 'from code'}):\n{recipe.to_yaml()}")
-        recipe.save()
-    return runner(recipe)
+        print(f"Resolved config ({recipe.source or 'from code'}):\n{recipe.to_yaml()}", flush=True)
+    return runner(recipe)  # each saves output_dir/config.yaml once its trainer is built

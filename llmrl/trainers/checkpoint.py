@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 
 
+class CheckpointError(ValueError):
+    """An output_dir or checkpoint llmrl will not use as it is (the message says why and what to do)."""
+
+
 def list_checkpoints(output_dir) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest first."""
     folder = Path(output_dir)
@@ -34,6 +38,50 @@ def list_checkpoints(output_dir) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+# What a finished or interrupted run leaves in its output_dir, besides checkpoint folders.
+RUN_FILES = ("model.safetensors", "adapter_model.safetensors", "completions.jsonl")
+
+
+def _resuming(resume_from_checkpoint) -> bool:
+    return resume_from_checkpoint is not None and str(resume_from_checkpoint).lower() not in ("false", "no", "")
+
+
+def previous_run(output_dir) -> list[str]:
+    """What another run left in `output_dir`: its checkpoints (complete or not), model and samples."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = sorted(p.name for p in folder.iterdir() if p.name.startswith((PREFIX, f".tmp-{PREFIX}")))
+    return found + [name for name in RUN_FILES if (folder / name).exists()]
+
+
+def claim_output_dir(args, state) -> None:
+    """Before a fresh run writes anything: an `output_dir` holding another run's checkpoints or model
+    is refused (a new run would overwrite some of them and leave the rest, and a later resume would
+    pick the old run's newest checkpoint), unless the run resumes it or `overwrite_output_dir` says
+    to replace it: then the old checkpoints and samples go first. `state`: the process state (the
+    main process deletes, every process waits)."""
+    found = [] if _resuming(args.resume_from_checkpoint) else previous_run(args.output_dir)
+    if found and not args.overwrite_output_dir:
+        raise CheckpointError(
+            f"output_dir {args.output_dir} holds a previous run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
+            "resume it with resume_from_checkpoint: true, replace it with overwrite_output_dir: true, or choose "
+            "another output_dir.")
+    if found and state.is_main_process:
+        for name in found:
+            path = Path(args.output_dir) / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if found:
+        state.wait_for_everyone()
+
+
+def save_recipe(recipe, state) -> None:
+    """The resolved config as output_dir/config.yaml, once the run has started (the trainer is
+    built): a run that fails on its data or model leaves the previous run's config alone."""
+    if state.is_main_process:
+        recipe.save()
 
 
 def resolve_resume(resume_from_checkpoint: str | None, output_dir) -> Path | None:
@@ -44,12 +92,12 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir) -> Path | Non
     if str(resume_from_checkpoint).lower() in ("true", "yes", "latest"):
         found = list_checkpoints(output_dir)
         if not found:
-            raise ValueError(f"resume_from_checkpoint: true, but {output_dir} holds no {PREFIX}<step> folder yet. "
+            raise CheckpointError(f"resume_from_checkpoint: true, but {output_dir} holds no {PREFIX}<step> folder yet. "
                              "Remove the setting to start fresh.")
         return found[-1]
     path = Path(resume_from_checkpoint)
     if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint folder (no trainer_state.json); "
+        raise CheckpointError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint folder (no trainer_state.json); "
                          f"give a {PREFIX}<step> folder or 'true' for the newest.")
     return path
 
@@ -103,7 +151,7 @@ def _safe_load(path: Path):
     try:
         return load(path, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - any failure: the file is not what llmrl wrote
-        raise ValueError(
+        raise CheckpointError(
             f"Refusing to resume from {path}: it does not load as tensors and plain values ({type(error).__name__}: "
             f"{str(error).splitlines()[0][:200]}). llmrl never unpickles objects from a checkpoint, since unpickling "
             "runs whatever code the file names; resume only checkpoints you trust, or start the run afresh.") from None
@@ -114,7 +162,7 @@ def load_checkpoint(accelerator, path, schedulers=()) -> dict:
     path = Path(path)
     pickled = sorted(p.name for p in path.glob("custom_checkpoint_*"))
     if pickled:  # accelerate would unpickle these with weights_only=False: any code they name would run
-        raise ValueError(
+        raise CheckpointError(
             f"Refusing to resume from {path}: {pickled[0]} is a pickled object, which llmrl never loads (unpickling runs "
             "whatever code the file names). llmrl writes none (its LR schedules are in trainer_state.json); an older "
             "llmrl kept the schedule there: delete the file to resume, and the schedule is rebuilt from the step.")
@@ -135,7 +183,7 @@ def load_checkpoint(accelerator, path, schedulers=()) -> dict:
                     scheduler.step()
         return state
     if len(saved) != len(schedulers):
-        raise ValueError(f"{path} holds {len(saved)} learning-rate schedule(s), this run has {len(schedulers)}: "
+        raise CheckpointError(f"{path} holds {len(saved)} learning-rate schedule(s), this run has {len(schedulers)}: "
                          "it was written by another kind of run (e.g. PPO with a critic against one without).")
     for scheduler, scheduler_state in zip(schedulers, saved):
         scheduler.load_state_dict(scheduler_state)

@@ -24,6 +24,7 @@ from llmrl.models import ReferenceModel, build_reference, disable_dropout, load_
 from llmrl.trainers.common import make_accelerator, to_device
 from llmrl.trainers.launch import refuse_unsharded_copies
 from llmrl.trainers.offline import OfflineTrainer
+from llmrl.trainers.checkpoint import save_recipe
 
 
 def answer_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,4 +156,5 @@ def run(recipe):
     train_rows, eval_rows = load_datasets(recipe.data, required=("chosen", "rejected"))
     trainer = DPOTrainer(recipe.model.model_name_or_path, recipe.args, train_rows, eval_dataset=eval_rows,
                          model_config=recipe.model, config=recipe.to_dict())
+    save_recipe(recipe, trainer.accelerator)
     return trainer.train()

@@ -21,7 +21,7 @@ from peft import PeftModel
 from llmrl.adapters import policy_export, starting_adapters
 from llmrl.config import ModelConfig, TrainConfig
 from llmrl.models import resolve_dtype
-from llmrl.trainers.checkpoint import resolve_resume
+from llmrl.trainers.checkpoint import claim_output_dir, resolve_resume
 from llmrl.trainers.tracking import logging_dir, tracker_names
 
 
@@ -100,6 +100,7 @@ class HFRunMixin:
         `transformers.Trainer.train`.
         """
         if resume_from_checkpoint is None:
+            claim_output_dir(self.train_config, self.accelerator)
             resume = resolve_resume(self.train_config.resume_from_checkpoint, self.args.output_dir)
             resume_from_checkpoint = str(resume) if resume is not None else None
         super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

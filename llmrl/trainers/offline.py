@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmrl.adapters import policy_export
-from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_exports
+from llmrl.trainers.checkpoint import claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, write_exports
 from llmrl.trainers.common import adamw, gathered_state_dict, loss_scale, lr_schedule, replay_batches
 from llmrl.trainers.guards import NonFiniteError, NonFiniteGuard, weights_finite
 from llmrl.trainers.tracking import RunLogger
@@ -84,6 +84,8 @@ class OfflineTrainer:
                 per_example.setdefault(key, []).append(value)
         max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure, do not clip
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor: its value, on every process
+            grad_norm = grad_norm.full_tensor()
         learning_rate = self.scheduler.get_last_lr()[0]
         term = self.guard.first_nonfinite(loss=torch.cat(per_example["loss"]), gradient=grad_norm)
         if term is None:
@@ -104,6 +106,7 @@ class OfflineTrainer:
     def train(self) -> list[dict]:
         """Train to `max_steps`; returns the log history (train and `eval/` records)."""
         args, skip = self.args, 0
+        claim_output_dir(args, self.accelerator)
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         if resume is not None:
             state = load_checkpoint(self.accelerator, resume, [self.scheduler])

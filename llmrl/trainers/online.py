@@ -54,7 +54,14 @@ from llmrl.rollout import (
     informative_groups,
     stop_token_ids,
 )
-from llmrl.trainers.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_exports
+from llmrl.trainers.checkpoint import (
+    claim_output_dir,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_recipe,
+    write_exports,
+)
 from llmrl.trainers.common import (
     adamw,
     gathered_state_dict,
@@ -436,6 +443,8 @@ class RLTrainer:
                     step_metrics.setdefault(key, []).append(value * self.accelerator.num_processes)
                 max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure, do not clip
                 grad_norm = self.accelerator.clip_grad_norm_(self._policy_parameters(), max_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor: its value, on every process
+                    grad_norm = grad_norm.full_tensor()
                 term = self.guard.first_nonfinite(loss=losses["loss"], value_loss=losses.get("critic/value_loss"),
                                                   gradient=grad_norm)
                 if term is not None:  # the weights, Adam's moments and the critic stay as they are
@@ -482,6 +491,7 @@ class RLTrainer:
     def train(self):
         """Train to `max_steps`; returns the log history (train and `eval/` records)."""
         skip = 0
+        claim_output_dir(self.args, self.accelerator)
         resume = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir)
         if resume is not None:
             state = load_checkpoint(self.accelerator, resume, self._schedulers())
@@ -577,4 +587,5 @@ def run(recipe):
     train_rows, eval_rows = load_datasets(recipe.data, required=PROMPT_COLUMNS)
     trainer = RLTrainer(recipe.model.model_name_or_path, recipe.args, train_rows, model_config=recipe.model,
                         eval_dataset=eval_rows, config=recipe.to_dict())
+    save_recipe(recipe, trainer.accelerator)
     return trainer.train()

@@ -42,6 +42,7 @@ from llmrl.config import ModelConfig, RewardConfig
 from llmrl.data import DataError, load_datasets, require_columns
 from llmrl.models import HEAD_NAMES, last_token_index, load_reward_model, load_tokenizer, lora_config, padded_forward
 from llmrl.trainers.hf import HFRunMixin, training_arguments
+from llmrl.trainers.checkpoint import save_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -192,4 +193,5 @@ def run(recipe):
         check_preference_rows(eval_rows, recipe.data.eval_dataset_name or recipe.data.dataset_name)
     trainer = RewardTrainer(recipe.model.model_name_or_path, recipe.args, train_rows, eval_rows,
                             model_config=recipe.model)
+    save_recipe(recipe, trainer.accelerator)
     return trainer.train()

@@ -31,6 +31,7 @@ from llmrl.config import ModelConfig, SFTConfig
 from llmrl.data import DataError, load_datasets, require_columns
 from llmrl.models import load_policy, load_tokenizer
 from llmrl.trainers.hf import HFRunMixin, training_arguments
+from llmrl.trainers.checkpoint import save_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -115,4 +116,5 @@ def run(recipe):
         sft_format(eval_rows, recipe.data.eval_dataset_name or recipe.data.dataset_name)
     trainer = SFTTrainer(recipe.model.model_name_or_path, recipe.args, train_rows, eval_rows,
                          model_config=recipe.model)
+    save_recipe(recipe, trainer.accelerator)
     return trainer.train()
