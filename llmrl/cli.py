@@ -107,6 +107,8 @@ COMMANDS = {"train": train_command, "eval": eval_command}
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a log file or pipe gets each line as it is printed, not when
+        sys.stdout.reconfigure(line_buffering=True)  # a block fills: a killed run's log keeps what it said
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         print(_fields_summary())
@@ -120,12 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     from llmrl.rewards import RewardFunctionError, RewardSpecError
     from llmrl.trainers.checkpoint import CheckpointError
     from llmrl.trainers.guards import NonFiniteError
+    from llmrl.trainers.signals import RunInterrupted
 
     try:
         return COMMANDS[command](rest)
     except (RecipeError, DataError, RewardSpecError, RewardFunctionError, CheckpointError, NonFiniteError) as err:
         print(f"llmrl: error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as err:
+        print(f"llmrl: {err}", file=sys.stderr)
+        return 128 + err.signum
     except NotImplementedError as err:
         print(f"llmrl: {err}", file=sys.stderr)
         return 3

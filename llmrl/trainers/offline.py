@@ -25,6 +25,7 @@ from llmrl.adapters import policy_export
 from llmrl.trainers.checkpoint import claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, write_exports
 from llmrl.trainers.common import adamw, gathered_state_dict, loss_scale, lr_schedule, replay_batches
 from llmrl.trainers.guards import NonFiniteError, NonFiniteGuard, weights_finite
+from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.tracking import RunLogger
 
 logger = logging.getLogger(__name__)
@@ -116,12 +117,13 @@ class OfflineTrainer:
         self.logger = RunLogger(self.accelerator, args, self.max_steps, self._config, self.global_step)
         batches = replay_batches(self.loader, skip)
         self.model.train()
-        while self.global_step < self.max_steps:
-            self.logger.log(self.training_step(batches), self.global_step)
-            if self.eval_dataset is not None and self._due(args.eval_steps):
-                self.evaluate()
-            if self._due(args.save_steps):
-                self.save_checkpoint()
+        with StopOnSignal() as stop:
+            while self.global_step < self.max_steps:
+                self.logger.log(self.training_step(batches), self.global_step)
+                if self.eval_dataset is not None and self._due(args.eval_steps):
+                    self.evaluate()
+                checkpoint = self.save_checkpoint() if self._due(args.save_steps) else None
+                stop_if_requested(self, stop, checkpoint)
         if self.eval_dataset is not None and not self._due(args.eval_steps):
             self.evaluate()
         self.logger.close()

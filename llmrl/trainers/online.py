@@ -74,6 +74,7 @@ from llmrl.trainers.common import (
 from llmrl.trainers.critic import Critic
 from llmrl.trainers.guards import NonFiniteError, NonFiniteGuard, weights_finite
 from llmrl.trainers.launch import refuse_unsharded_copies
+from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.shared_critic import policy_export
 from llmrl.trainers.tracking import RunLogger, append_jsonl
 
@@ -502,19 +503,20 @@ class RLTrainer:
         self.logger = RunLogger(self.accelerator, self.args, self.max_steps, self._config, self.global_step)
         batches = replay_batches(self.loader, skip)
         self.model.train()
-        while self.global_step < self.max_steps:
-            before = self.global_step
-            metrics = self.step(batches)
-            metrics = {key: self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device),
-                                                    "mean").item() for key, value in metrics.items()}
-            self.logger.log(metrics, self.global_step)
-            if self._crosses(self.args.log_completions_steps, before) and self.accelerator.is_main_process:
-                append_jsonl(Path(self.args.output_dir) / "completions.jsonl",
-                             [{"step": self.global_step, **row} for row in self.samples])
-            if self.eval_dataset is not None and self._crosses(self.args.eval_steps, before):
-                self.evaluate()
-            if self._crosses(self.args.save_steps, before):
-                self.save_checkpoint()
+        with StopOnSignal() as stop:
+            while self.global_step < self.max_steps:
+                before = self.global_step
+                metrics = self.step(batches)
+                metrics = {key: self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device),
+                                                        "mean").item() for key, value in metrics.items()}
+                self.logger.log(metrics, self.global_step)
+                if self._crosses(self.args.log_completions_steps, before) and self.accelerator.is_main_process:
+                    append_jsonl(Path(self.args.output_dir) / "completions.jsonl",
+                                 [{"step": self.global_step, **row} for row in self.samples])
+                if self.eval_dataset is not None and self._crosses(self.args.eval_steps, before):
+                    self.evaluate()
+                checkpoint = self.save_checkpoint() if self._crosses(self.args.save_steps, before) else None
+                stop_if_requested(self, stop, checkpoint)
         if self.eval_dataset is not None and not self._crosses(self.args.eval_steps, self.global_step - 1):
             self.evaluate()
         self.logger.close()
