@@ -41,7 +41,7 @@ from llmrl.algos import (
     policy_loss,
 )
 from llmrl.config import ModelConfig, RLConfig
-from llmrl.data import PROMPT_COLUMNS, PromptCollator, load_datasets, require_columns
+from llmrl.data import PROMPT_COLUMNS, DataError, PromptCollator, load_datasets, require_columns
 from llmrl.evaluation import evaluate_policy, sample_rows, score_rollout
 from llmrl.logprobs import completion_logprobs
 from llmrl.models import build_reference, disable_dropout, load_policy, load_tokenizer
@@ -159,7 +159,7 @@ class RLTrainer:
                     disable_dropout(module)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(policy, optimizer, loader)
         if len(self.loader) == 0:  # else replay_batches would loop for ever over an empty loader
-            raise ValueError(
+            raise DataError(
                 f"train_dataset has {len(train_dataset)} prompts, fewer than one rollout draws: "
                 f"{self.prompts_per_rollout} per process x {self.accelerator.num_processes} process(es) (a rollout is "
                 "per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches completions, "
