@@ -87,7 +87,7 @@ def save_recipe(recipe, state) -> None:
 def resolve_resume(resume_from_checkpoint: str | None, output_dir) -> Path | None:
     """The checkpoint to resume from: None for unset/'false', the newest in `output_dir` for 'true',
     else the given folder (which must be a checkpoint)."""
-    if resume_from_checkpoint is None or str(resume_from_checkpoint).lower() in ("false", "no", ""):
+    if not _resuming(resume_from_checkpoint):
         return None
     if str(resume_from_checkpoint).lower() in ("true", "yes", "latest"):
         found = list_checkpoints(output_dir)

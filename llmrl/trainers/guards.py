@@ -72,3 +72,24 @@ def weights_finite(accelerator, models) -> bool:
     tensors = [_local(p) for model in models if model is not None for p in model.parameters()]
     bad = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())))
     return accelerator.reduce(bad.to(accelerator.device), "sum").item() == 0
+
+
+def checkpoint_is_finite(accelerator, models, step: int) -> bool:
+    """Whether checkpoint-<step> may be written; if not, says so (the earlier checkpoints stay)."""
+    if weights_finite(accelerator, models):
+        return True
+    logger.warning("step %d: the weights are not finite; checkpoint-%d not written (the earlier ones are kept).",
+                   step, step)
+    return False
+
+
+def require_finite_for_save(accelerator, models, output_dir) -> None:
+    """The final save: non-finite weights stop the run with nothing written."""
+    if not weights_finite(accelerator, models):
+        raise NonFiniteError(f"The trained weights are not finite, so nothing was saved to {output_dir}; the "
+                             "checkpoints written before are intact. Lower learning_rate and resume from one.")
+
+
+def norm_value(norm):
+    """A gradient norm as a plain tensor: FSDP2's clipping returns a DTensor (every process calls this)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

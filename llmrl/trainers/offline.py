@@ -13,7 +13,6 @@ always full (drop_last), so that count is per_device_train_batch_size x accumula
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
@@ -24,11 +23,10 @@ from torch.utils.data import DataLoader
 from llmrl.adapters import policy_export
 from llmrl.trainers.checkpoint import claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, write_exports
 from llmrl.trainers.common import adamw, gathered_state_dict, loss_scale, lr_schedule, replay_batches
-from llmrl.trainers.guards import NonFiniteError, NonFiniteGuard, weights_finite
+from llmrl.trainers.guards import NonFiniteGuard, checkpoint_is_finite, norm_value, require_finite_for_save
 from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.tracking import RunLogger
 
-logger = logging.getLogger(__name__)
 
 
 class OfflineTrainer:
@@ -84,9 +82,7 @@ class OfflineTrainer:
             for key, value in {"loss": losses.detach(), **metrics}.items():
                 per_example.setdefault(key, []).append(value)
         max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure, do not clip
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor: its value, on every process
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = norm_value(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
         learning_rate = self.scheduler.get_last_lr()[0]
         term = self.guard.first_nonfinite(loss=torch.cat(per_example["loss"]), gradient=grad_norm)
         if term is None:
@@ -166,9 +162,7 @@ class OfflineTrainer:
                          gathered_state_dict(self.accelerator, self.model))}
 
     def save_checkpoint(self) -> Path | None:
-        if not weights_finite(self.accelerator, [self.model]):
-            logger.warning("step %d: the weights are not finite; checkpoint-%d not written (the earlier ones are kept).",
-                           self.global_step, self.global_step)
+        if not checkpoint_is_finite(self.accelerator, [self.model], self.global_step):
             return None
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
                                {"batches_consumed": self.batches_consumed}, self._exports("model"), self.tokenizer,
@@ -176,9 +170,7 @@ class OfflineTrainer:
 
     def save_model(self, output_dir: str):
         """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder."""
-        if not weights_finite(self.accelerator, [self.model]):
-            raise NonFiniteError(f"The trained weights are not finite, so nothing was saved to {output_dir}; the "
-                                 "checkpoints written before are intact. Lower learning_rate and resume from one.")
+        require_finite_for_save(self.accelerator, [self.model], output_dir)
         exports = self._exports(".")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:

@@ -72,7 +72,7 @@ from llmrl.trainers.common import (
     to_device,
 )
 from llmrl.trainers.critic import Critic
-from llmrl.trainers.guards import NonFiniteError, NonFiniteGuard, weights_finite
+from llmrl.trainers.guards import NonFiniteGuard, checkpoint_is_finite, norm_value, require_finite_for_save
 from llmrl.trainers.launch import refuse_unsharded_copies
 from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.shared_critic import policy_export
@@ -369,10 +369,7 @@ class RLTrainer:
         rewards = rewards.to(self.accelerator.device)
         updates = args.num_iterations * args.num_mini_batches
         if self.guard.first_nonfinite(reward=rewards) is not None:  # e.g. a reward that overflowed
-            for _ in range(updates):
-                self.guard.skipped(self.global_step + 1, "reward")
-                self._skip_update()
-            return {**metrics, "skipped": 1.0}
+            return self._skip_rollout(metrics, updates, nonfinite="reward")
         if self._step_counts(rollout.completion_mask)[1] == 0:
             if metrics["rewards/scorable_rows"] == 0:
                 logger.warning(
@@ -384,9 +381,7 @@ class RLTrainer:
                     "step %d: no completion was kept (every group's rewards were equal in %d generated batches); "
                     "skipping this update. Raise max_gen_batches or num_generations, or check the reward functions.",
                     self.global_step, metrics["dynamic_sampling/gen_batches"])
-            for _ in range(updates):
-                self._skip_update()
-            return {**metrics, "skipped": 1.0}
+            return self._skip_rollout(metrics, updates)
         on_policy = args.num_iterations == 1 and args.num_mini_batches == 1
         # Exactly on-policy, the old logprobs are the detached current ones (no extra pass), unless
         # the KL must be known before the update: in the reward, or for the adaptive controller.
@@ -399,10 +394,7 @@ class RLTrainer:
         advantages, returns = self.advantages(rollout, rewards, old_logprobs, ref_logprobs, old_values)
         valid = rollout.completion_mask.bool()
         if self.guard.first_nonfinite(advantages=advantages[valid]) is not None:
-            for _ in range(updates):
-                self.guard.skipped(self.global_step + 1, "advantages")
-                self._skip_update()
-            return {**metrics, "skipped": 1.0}
+            return self._skip_rollout(metrics, updates, nonfinite="advantages")
         if old_logprobs is not None and ref_logprobs is not None:  # after: this rollout used the old coefficient
             metrics.update(self._update_kl_coef(rollout, old_logprobs, ref_logprobs))
         metrics["advantages/mean"] = advantages[valid].mean().item() if valid.any() else 0.0
@@ -412,7 +404,7 @@ class RLTrainer:
 
         self.model.train()
         accum = args.gradient_accumulation_steps
-        models = [self.model] + ([self.critic.model] if self.critic is not None and not self.critic.shared else [])
+        models = self._trained_models()
         step_metrics: dict[str, list] = {}
         for _ in range(args.num_iterations):
             order = torch.randperm(self.rollout_size) if args.num_mini_batches > 1 else torch.arange(self.rollout_size)
@@ -443,9 +435,7 @@ class RLTrainer:
                 for key, value in losses.items():
                     step_metrics.setdefault(key, []).append(value * self.accelerator.num_processes)
                 max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure, do not clip
-                grad_norm = self.accelerator.clip_grad_norm_(self._policy_parameters(), max_norm)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor: its value, on every process
-                    grad_norm = grad_norm.full_tensor()
+                grad_norm = norm_value(self.accelerator.clip_grad_norm_(self._policy_parameters(), max_norm))
                 term = self.guard.first_nonfinite(loss=losses["loss"], value_loss=losses.get("critic/value_loss"),
                                                   gradient=grad_norm)
                 if term is not None:  # the weights, Adam's moments and the critic stay as they are
@@ -474,6 +464,14 @@ class RLTrainer:
         metrics["step_time"] = elapsed
         metrics["tokens_per_second"] = float(tokens) / elapsed
         return metrics
+
+    def _skip_rollout(self, metrics: dict, updates: int, nonfinite: str | None = None) -> dict:
+        """Every update of this rollout skipped; a `nonfinite` term counts towards stopping the run."""
+        for _ in range(updates):
+            if nonfinite is not None:
+                self.guard.skipped(self.global_step + 1, nonfinite)
+            self._skip_update()
+        return {**metrics, "skipped": 1.0}
 
     def _skip_update(self):
         """An optimizer step with nothing to learn from: the weights stay, the step count and the
@@ -553,16 +551,12 @@ class RLTrainer:
             exports[VALUE_MODEL_DIR] = (self.critic.export(), gathered_state_dict(self.accelerator, critic))
         return exports
 
-    def _weights_finite(self, what: str) -> bool:
-        models = [self.model] + ([self.critic.model] if self.critic is not None and not self.critic.shared else [])
-        if weights_finite(self.accelerator, models):
-            return True
-        logger.warning("step %d: the weights are not finite; %s not written (the earlier ones are kept).",
-                       self.global_step, what)
-        return False
+    def _trained_models(self) -> list:
+        """The prepared models whose weights train: the policy, and a separate critic."""
+        return [self.model] + ([self.critic.model] if self.critic is not None and not self.critic.shared else [])
 
     def save_checkpoint(self):
-        if not self._weights_finite(f"checkpoint-{self.global_step}"):
+        if not checkpoint_is_finite(self.accelerator, self._trained_models(), self.global_step):
             return None
         return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
                                {"batches_consumed": self.batches_consumed, "kl_coef": self.kl_coef},
@@ -575,9 +569,7 @@ class RLTrainer:
     def save_model(self, output_dir: str):
         """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder; PPO's
         critic goes to its `value_model/` subfolder (a token-classification model)."""
-        if not self._weights_finite("the final model"):
-            raise NonFiniteError(f"The trained weights are not finite, so nothing was saved to {output_dir}; the "
-                                 "checkpoints written before are intact. Lower learning_rate and resume from one.")
+        require_finite_for_save(self.accelerator, self._trained_models(), output_dir)
         exports = self._exports(".")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
