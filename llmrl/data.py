@@ -4,26 +4,30 @@ Rows are prompt-only (`prompt` plus any extra columns, which reward functions re
 preference rows (`prompt`, `chosen`, `rejected`). Each field is a plain string or a list of chat
 messages; chat messages are rendered with the tokenizer's chat template (TRL's own helper, so a
 TRL dataset renders the same here as in TRL).
+
+A file that cannot be read, and a value TRL cannot read where it sits, stop the run before it
+starts with a DataError naming the file, the line (JSON Lines) or row, the column and the fix
+(`llmrl.data_checks`: `require_columns` is the one check every trainer's columns go through).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
 import datasets
 import torch
+from jinja2 import TemplateError
 from trl.data_utils import common_prefix_length, is_conversational, maybe_apply_chat_template, maybe_extract_prompt
 
 from llmrl.config import DataConfig
+from llmrl.data_checks import DataError, is_empty, json_problem, require_columns  # trainers import the first two from here
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 PROMPT_COLUMNS = ("prompt",)
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
-
-
-class DataError(ValueError):
-    """A dataset the user has to fix; the message names the source and the column."""
 
 
 def load_rows(source: str, *, config: str | None = None, split: str = "train", max_samples: int | None = None):
@@ -35,9 +39,7 @@ def load_rows(source: str, *, config: str | None = None, split: str = "train", m
     """
     path = Path(source)
     if path.suffix.lower() in FILE_BUILDERS:
-        if not path.is_file():
-            raise DataError(f"Dataset file {source!r} does not exist (working directory: {os.getcwd()}).")
-        rows = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+        rows = _load_file(path, source)
     elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
         rows = datasets.load_from_disk(str(path))
         if isinstance(rows, datasets.DatasetDict):
@@ -45,16 +47,86 @@ def load_rows(source: str, *, config: str | None = None, split: str = "train", m
     else:
         try:
             rows = datasets.load_dataset(str(source), config, split=split)
-        except (FileNotFoundError, ConnectionError, OSError) as err:
-            raise DataError(
-                f"Could not load dataset {source!r} (split {split!r}): {err}. Give a local file or folder, "
-                "or check the hub name and your network."
-            ) from None
-        except ValueError as err:  # datasets' "Unknown split" and friends
-            raise DataError(f"Could not load split {split!r} of dataset {source!r}: {err}") from None
+        except Exception as err:  # a bad file in a folder, a hub or network error, an unknown split
+            raise _load_error(source, split, err) from None
     if max_samples is not None:
         rows = rows.select(range(min(max_samples, len(rows))))
     return rows
+
+
+def _load_file(path: Path, source: str) -> datasets.Dataset:
+    """One local file as a dataset. A missing, empty or unparsable file is a DataError naming it
+    (and, for JSON, the line): datasets would raise StopIteration, or a parser error without either."""
+    if not path.is_file():
+        raise DataError(f"Dataset file {source!r} does not exist (working directory: {os.getcwd()}).")
+    if _is_blank(path):
+        raise DataError(_empty(source))
+    builder = FILE_BUILDERS[path.suffix.lower()]
+    try:
+        with _quiet("datasets.packaged_modules.json.json"):
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # any parser's error: the file is what the user has to fix
+        hint = " (one JSON object per line)" if builder == "json" else ""
+        raise DataError(_file_problem(path, source) or f"Dataset file {source!r} could not be read as {builder}: "
+                        f"{_root_cause(err)}. Check that it is a {builder} file{hint}.") from None
+    if len(rows) == 0:
+        raise DataError(_empty(source))
+    return rows
+
+
+def _load_error(source: str, split: str, err: Exception) -> DataError:
+    """The DataError for a hub name or folder datasets failed to load: a folder's bad file with its line."""
+    if Path(source).is_dir():
+        for path in sorted(Path(source).rglob("*")):  # datasets builds every split, so any file can be the one
+            if path.suffix.lower() in FILE_BUILDERS and (problem := _file_problem(path, str(path))):
+                return DataError(problem)
+    if isinstance(err, ValueError):  # datasets' "Unknown split" and friends
+        return DataError(f"Could not load split {split!r} of dataset {source!r}: {err}")
+    if isinstance(err, OSError):  # FileNotFoundError, ConnectionError among them
+        return DataError(f"Could not load dataset {source!r} (split {split!r}): {err}. Give a local file or folder, "
+                         "or check the hub name and your network.")
+    return DataError(f"Could not load dataset {source!r} (split {split!r}): {_root_cause(err)}.")
+
+
+def _file_problem(path: Path, source: str) -> str | None:
+    """Why a local file cannot be loaded, if it can be told: empty, a CSV header alone, or (JSON) the wrong line."""
+    if _is_blank(path):
+        return _empty(source)
+    if path.suffix.lower() == ".csv" and len(path.read_bytes().strip().splitlines()) <= 1:
+        return _empty(source).replace("no rows.", "no rows (only a header).")
+    return json_problem(path, source) if FILE_BUILDERS[path.suffix.lower()] == "json" else None
+
+
+def _empty(source: str) -> str:
+    return (f"Dataset file {source!r} is empty: it holds no rows. Write the rows into it (a .jsonl file holds "
+            'one JSON object per line, e.g. {"prompt": "..."}), or give another file.')
+
+
+def _is_blank(path: Path) -> bool:
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """datasets' JSON loader logs its parser's error before raising; the DataError raised instead
+    says it with the file and line, so the user reads one line, not two."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return " ".join(f"{type(err).__name__}: {err}".split())
 
 
 def _pick_split(splits: datasets.DatasetDict, split: str, source: str) -> datasets.Dataset:
@@ -63,54 +135,48 @@ def _pick_split(splits: datasets.DatasetDict, split: str, source: str) -> datase
     return splits[split]
 
 
-def load_datasets(data: DataConfig, required: tuple[str, ...] = PROMPT_COLUMNS):
-    """The (train, eval or None) datasets of a recipe, with the `required` columns checked."""
+def load_datasets(data: DataConfig, required: tuple[str, ...] = PROMPT_COLUMNS, optional: tuple[str, ...] = ()):
+    """The (train, eval or None) datasets of a recipe, with the `required` columns, and the
+    `optional` ones that are present, checked here, where errors can name the file and line."""
     if not data.dataset_name:
         raise DataError("No training data: set dataset_name in the recipe (a hub name, folder or file).")
     train = load_rows(data.dataset_name, config=data.dataset_config, split=data.dataset_train_split,
                       max_samples=data.max_train_samples)
-    require_columns(train, required, data.dataset_name)
+    require_columns(train, required + _present(optional, train), data.dataset_name)
     eval_rows = None
     if data.eval_dataset_name or data.dataset_test_split:
         source = data.eval_dataset_name or data.dataset_name
         eval_rows = load_rows(source, config=data.dataset_config, split=data.dataset_test_split or "test",
                               max_samples=data.max_eval_samples)
-        require_columns(eval_rows, required, source)
+        require_columns(eval_rows, required + _present(optional, eval_rows), source)
     return train, eval_rows
 
 
-def _is_empty(value) -> bool:
-    return value is None or (isinstance(value, (str, list)) and len(value) == 0)
-
-
-def require_columns(rows, columns: tuple[str, ...], source: str) -> None:
-    """Fail with the column, the source and the columns present when a required column is
-    missing, or when one of its values is empty."""
-    present = list(rows.column_names)
-    for column in columns:
-        if column not in present:
-            raise DataError(
-                f"Dataset {source!r} has no column {column!r} (its columns: {present}). "
-                f"Rename the column holding the {column}s to {column!r}."
-            )
-        empty = [i for i, value in enumerate(rows[column]) if _is_empty(value)]
-        if empty:
-            raise DataError(
-                f"Dataset {source!r}: column {column!r} is empty in {len(empty)} of {len(rows)} rows "
-                f"(first at row {empty[0]}). Fill or drop those rows."
-            )
+def _present(columns: tuple[str, ...], rows) -> tuple[str, ...]:
+    return tuple(column for column in columns if column in rows.column_names)
 
 
 def render_prompt(prompt, tokenizer) -> str:
     """A prompt as the model sees it: strings as they are, chat messages through the chat
     template with the generation prompt added."""
-    return maybe_apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]
+    return _apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]
 
 
 def render_preference(row: dict, tokenizer) -> dict[str, str]:
     """`prompt`, `chosen`, `rejected` as text, chat messages rendered (chosen and rejected are the
     continuations after the rendered prompt)."""
-    return maybe_apply_chat_template({k: row[k] for k in PREFERENCE_COLUMNS}, tokenizer)
+    return _apply_chat_template({k: row[k] for k in PREFERENCE_COLUMNS}, tokenizer)
+
+
+def _apply_chat_template(example: dict, tokenizer) -> dict[str, str]:
+    """TRL's rendering. A template may refuse what TRL accepts (a role the model never saw, such
+    as Gemma's 'system' or a 'tool' turn): that is a DataError, not a jinja traceback."""
+    try:
+        return maybe_apply_chat_template(example, tokenizer)
+    except TemplateError as err:
+        shown = repr(example) if len(repr(example)) <= 200 else repr(example)[:200] + "..."
+        raise DataError(f"The model's chat template cannot render {shown}: {err}. Keep to the roles and message "
+                        "shapes this model's chat template knows.") from None
 
 
 def encode_preference(row: dict, tokenizer, max_prompt_length: int | None = None,
@@ -162,7 +228,7 @@ def tokenize_preferences(rows, tokenizer, source: str, max_prompt_length: int | 
     def encode(row, index):
         row = maybe_extract_prompt(row)
         for column in PREFERENCE_COLUMNS:
-            if _is_empty(row[column]):
+            if is_empty(row[column]):
                 raise DataError(
                     f"Dataset {source!r}, row {index}: {column!r} is empty once the messages shared by chosen and "
                     f"rejected are taken as the prompt. Give both answers after the shared prompt, or a 'prompt' column."

@@ -5,17 +5,17 @@ revision, safetensors only, remote code) are written once. Every role also accep
 instead of a path, as the trainers' `model=` argument does.
 
 - policy: `AutoModelForCausalLM`, LoRA-wrapped when `use_peft`, 4-bit base when `load_in_4bit`.
-- reference: `ReferenceModel`, the policy itself with its adapter disabled under LoRA (no second
-  copy), else a frozen copy; None when no KL term is used.
+- reference: `llmrl.reference.ReferenceModel`, the policy itself with its adapter disabled under
+  LoRA (no second copy), else a frozen copy; None when no KL term is used.
 - reward: `AutoModelForSequenceClassification`, one label; `reward_scores` reads the last real token.
 - value: `AutoModelForTokenClassification`, one label, a scalar per token; from a reward checkpoint
   it keeps the reward head, from a causal LM it gets a zero head (initial values 0).
-All of them save with `save_pretrained` and reload with plain transformers.
+All of them save with `save_pretrained` and reload with plain transformers. A name that is neither
+a model folder nor a hub model is refused first, in one line (`llmrl.model_sources`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import json
@@ -37,6 +37,8 @@ from transformers import (
 
 from llmrl.adapters import STARTING_ADAPTERS, check_chain, record_start, starting_adapters
 from llmrl.config import ModelConfig
+from llmrl.model_sources import check_model_source, load_failed
+from llmrl.recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +113,15 @@ def load_tokenizer(model_config: ModelConfig, padding_side: str = "left"):
     """
     path = model_config.tokenizer_name_or_path or model_config.model_name_or_path
     if path is None:
-        raise ValueError("No tokenizer to load: set model_name_or_path (or tokenizer_name_or_path) in the recipe.")
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, trust_remote_code=model_config.trust_remote_code, **_revision(path, model_config)
-    )
+        raise RecipeError("No tokenizer to load: set model_name_or_path (or tokenizer_name_or_path) in the recipe.")
+    field = "tokenizer_name_or_path" if model_config.tokenizer_name_or_path else "model_name_or_path"
+    check_model_source(path, field, **_revision(path, model_config))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=model_config.trust_remote_code, **_revision(path, model_config)
+        )
+    except OSError as error:  # a folder without tokenizer files, a hub name the hub does not have, no network
+        raise load_failed(f"the tokenizer of {field}", path, error) from error
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -153,8 +160,15 @@ def _source_config(path_or_model, model_config: ModelConfig):
     """The config of a model object (a copy) or of a hub name / folder (an adapter's: its base's)."""
     if _is_model(path_or_model):
         return copy.deepcopy(path_or_model.config)
-    path_or_model = adapter_base(path_or_model) or path_or_model
-    return AutoConfig.from_pretrained(path_or_model, **_hub_kwargs(path_or_model, model_config))
+    check_model_source(path_or_model, **_revision(path_or_model, model_config))
+    base = adapter_base(path_or_model)
+    if base is not None:
+        check_model_source(base, f"{Path(path_or_model) / 'adapter_config.json'}: base_model_name_or_path")
+    path_or_model = base or path_or_model
+    try:
+        return AutoConfig.from_pretrained(path_or_model, **_hub_kwargs(path_or_model, model_config))
+    except OSError as error:  # a folder without config.json, a hub name the hub does not have, no network
+        raise load_failed("the model config of", path_or_model, error) from error
 
 
 def _load_merged_adapter(path: str, base: str, auto_class, model_config, config_overrides, **load_kwargs):
@@ -207,9 +221,9 @@ def _load_with_missing_keys(path_or_model, auto_class, model_config, config_over
                 **load_kwargs,
             )
         except OSError as error:
-            raise OSError(
-                f"Could not load {path_or_model!r} as {auto_class.__name__}: {error}\nllmrl loads safetensors "
-                "weights only; check the name or folder, or convert a .bin checkpoint with save_pretrained."
+            raise RecipeError(
+                f"Could not load {path_or_model!r} as {auto_class.__name__}: {' '.join(str(error).split())} llmrl "
+                "loads safetensors weights only; check the name or folder, or convert a .bin checkpoint with save_pretrained."
             ) from error
         return model, set(info["missing_keys"])
 
@@ -263,12 +277,12 @@ def lora_config(model_config: ModelConfig, task_type: str = "CAUSAL_LM") -> Lora
 def _quantization_config(model_config: ModelConfig) -> BitsAndBytesConfig:
     """The 4-bit settings, after checking the machine can run them (before any weight is read)."""
     if not torch.cuda.is_available():
-        raise ValueError(
+        raise RecipeError(
             "load_in_4bit: true needs a CUDA GPU (bitsandbytes 4-bit kernels) and none is visible. "
             "Set load_in_4bit: false to train in float32/bfloat16, or run on a GPU machine."
         )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("load_in_4bit: true needs bitsandbytes, which is not installed: pip install 'llmrl[quant]'.")
+        raise RecipeError("load_in_4bit: true needs bitsandbytes, which is not installed: pip install 'llmrl[quant]'.")
     compute_dtype = resolve_dtype(model_config.dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -309,7 +323,7 @@ def load_policy(model_config: ModelConfig, model=None, *, peft_config: LoraConfi
     """
     model = model if model is not None else model_config.model_name_or_path
     if model is None:
-        raise ValueError("No policy to load: set model_name_or_path in the recipe, or pass model=.")
+        raise RecipeError("No policy to load: set model_name_or_path in the recipe, or pass model=.")
     load_kwargs = {}
     if model_config.load_in_4bit and not _is_model(model):
         from accelerate import PartialState
@@ -340,76 +354,6 @@ def load_policy(model_config: ModelConfig, model=None, *, peft_config: LoraConfi
             # blocks would then get no gradient at all.
             policy.enable_input_require_grads()
     return policy
-
-
-# ---- Reference --------------------
-
-
-def adapter_is_trained(model: PeftModel) -> bool:
-    """Whether any LoRA update is non-zero (a fresh adapter has B = 0, so it changes nothing yet)."""
-    return any(parameter.detach().abs().max() > 0 for name, parameter in model.named_parameters()
-               if "lora_B" in name or "lora_embedding_B" in name)
-
-
-class ReferenceModel:
-    """The frozen reference policy, called like a model: `ref(**inputs)` or `ref.forward(**inputs)`.
-
-    Shared with a LoRA policy, it runs the policy with the adapter disabled, which is the base model
-    exactly and costs no memory. Otherwise it wraps a frozen copy. Either way it runs in eval mode
-    under `torch.no_grad()`. Not `torch.inference_mode()`: its outputs (reference logprobs) enter
-    the KL term of the loss later, and inference tensors cannot be saved for backward.
-    """
-
-    def __init__(self, model, *, shares_policy: bool):
-        self.model = model
-        self.shares_policy = shares_policy
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def __call__(self, **inputs):
-        adapter_off = self.model.disable_adapter() if self.shares_policy else contextlib.nullcontext()
-        # peft re-enables requires_grad of the active adapter only when the context ends; a second adapter
-        # (PPO's shared critic) would silently stop training.
-        trainable = [p for p in self.model.parameters() if p.requires_grad] if self.shares_policy else []
-        was_training = self.model.training
-        self.model.eval()  # no dropout: the reference must be deterministic
-        try:
-            with torch.no_grad(), adapter_off:
-                return self.model(**inputs)
-        finally:
-            self.model.train(was_training)
-            for parameter in trainable:
-                parameter.requires_grad_(True)
-
-    forward = __call__
-
-
-def build_reference(policy, model_config: ModelConfig | None = None, needed: bool = True) -> ReferenceModel | None:
-    """The reference for the KL term, taken from the policy as it is now (call before training).
-
-    None when `needed` is False (no KL term: nothing is copied). A PeftModel policy whose adapter
-    is still the no-op it starts as (every LoRA B zero) is shared with its adapter disabled; any
-    other policy, including a PeftModel with an adapter trained before, is deep-copied and frozen.
-    """
-    if not needed:
-        return None
-    if isinstance(policy, PeftModel):
-        if not adapter_is_trained(policy):
-            return ReferenceModel(policy, shares_policy=True)
-        logger.warning(
-            "The policy is a PeftModel whose adapter was already trained, so the reference (the policy as it "
-            "starts) is not the base model with the adapter off: it is a frozen copy of the whole model, base "
-            "included. To share one base instead, merge the adapter first (model.merge_and_unload(), or name "
-            "the adapter folder as model_name_or_path) and train a new adapter with peft_config.")
-    if model_config is not None and model_config.use_peft:
-        raise ValueError(
-            "use_peft is set but the policy is not a PeftModel, so the reference would be a full second "
-            "copy. Load the policy with llmrl.models.load_policy, which adds the LoRA adapter."
-        )
-    frozen = copy.deepcopy(policy).eval().requires_grad_(False)
-    return ReferenceModel(frozen, shares_policy=False)
 
 
 # ---- Reward and value models --------------------

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmrl import DPOConfig, DPOTrainer
 from llmrl.data import DataError
-from llmrl.models import ReferenceModel
 from llmrl.recipe import load_recipe
+from llmrl.reference import ReferenceModel
 from llmrl.trainers import train
 from llmrl.trainers.dpo import answer_logps
 

@@ -17,7 +17,6 @@ from transformers import (
 from llmrl import models
 from llmrl.config import ModelConfig
 from llmrl.models import (
-    build_reference,
     last_token_index,
     load_policy,
     load_reward_model,
@@ -28,6 +27,7 @@ from llmrl.models import (
     reward_scores,
     token_values,
 )
+from llmrl.reference import build_reference
 from llmrl.tiny import build_tokenizer
 
 # Three sequences of different lengths, each ending with EOS (id 1), as completions do.

@@ -38,9 +38,11 @@ class RewardModelReward:
 
     def __init__(self, model, tokenizer=None, model_config=None, batch_size: int = 16, device=None):
         from llmrl.config import ModelConfig
+        from llmrl.model_sources import check_model_source
         from llmrl.models import load_reward_model, load_tokenizer
 
         if isinstance(model, str):
+            check_model_source(model, "reward_model_name_or_path")
             tokenizer = tokenizer or load_tokenizer(ModelConfig(model_name_or_path=model))
             model = load_reward_model(model, model_config, pad_token_id=tokenizer.pad_token_id)
         if tokenizer is None:

@@ -98,12 +98,25 @@ def _fails(fn: RewardFunc, batch: dict) -> bool:
     return False
 
 
+def _as_list(name: str, output, n: int) -> list:
+    """A list, tuple, tensor or array as a list; anything else is an error naming what came back.
+
+    A dict or a set has a length and iterates, so a check by length alone would score a dict by
+    its keys (0, 1, 2, ... for one keyed by index) or a set in no order: neither is one reward per
+    completion, in order."""
+    values = output.tolist() if hasattr(output, "tolist") and not isinstance(output, (list, tuple)) else output
+    if isinstance(values, (list, tuple)):
+        return list(values)
+    plain = isinstance(output, (int, float, str, bytes)) or output is None
+    what = _short(output) if plain else f"a {type(output).__name__} {_short(output)}"
+    raise RewardFunctionError(f"reward function {name!r} returned {what}; it must return a list of {n} numbers "
+                              "(or None), one per completion, in the order of completions.")
+
+
 def _checked(name: str, output, batch: dict) -> list[float]:
     """The function's output as N floats (None -> NaN), or an error naming what is wrong and where."""
     n = len(batch["completions"])
-    if isinstance(output, (str, bytes)) or not hasattr(output, "__len__"):
-        raise RewardFunctionError(f"reward function {name!r} returned {_short(output)}; it must return a list of "
-                                  f"{n} floats (or None), one per completion.")
+    output = _as_list(name, output, n)
     if len(output) != n:
         raise RewardFunctionError(f"reward function {name!r} returned {len(output)} values for {n} completions; "
                                   "it must return exactly one per completion (None where it does not apply).")
@@ -139,8 +152,9 @@ def score_completions(
 
     - a function that raises is re-raised as a :class:`RewardFunctionError` naming it and showing
       the first sample on which it raises when called alone (or sample 0 if none does);
-    - a wrong number of values, a non-number, NaN or inf is a RewardFunctionError naming the
-      function and the sample (NaN would silently poison every advantage in its group);
+    - anything but a list (tuple, tensor, array) of N values, a non-number, NaN or inf is a
+      RewardFunctionError naming the function, what it returned and the sample (a dict would be
+      read by its keys; NaN would silently poison every advantage in its group);
     - None means "not applicable": NaN in ``rewards``, 0 in the weighted total, skipped by the means;
     - a row where EVERY function returned None is unscorable, as in TRL: its total is NaN (not 0,
       which would bias its group's baseline) and a warning shows it. The trainer must keep it out of

@@ -20,11 +20,12 @@ from llmrl.algos import preference_loss
 from llmrl.config import DPOConfig, ModelConfig
 from llmrl.data import PreferenceCollator, load_datasets, tokenize_preferences
 from llmrl.logprobs import completion_logprobs
-from llmrl.models import ReferenceModel, build_reference, disable_dropout, load_model, load_policy, load_tokenizer
+from llmrl.models import disable_dropout, load_model, load_policy, load_tokenizer
+from llmrl.reference import ReferenceModel, build_reference
+from llmrl.trainers.checkpoint import save_recipe
 from llmrl.trainers.common import make_accelerator, to_device
 from llmrl.trainers.launch import refuse_unsharded_copies
 from llmrl.trainers.offline import OfflineTrainer
-from llmrl.trainers.checkpoint import save_recipe
 
 
 def answer_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +154,7 @@ class DPOTrainer(OfflineTrainer):
 
 def run(recipe):
     """`llmrl train` for `algorithm: dpo`: the recipe's pairs and model through `DPOTrainer`."""
-    train_rows, eval_rows = load_datasets(recipe.data, required=("chosen", "rejected"))
+    train_rows, eval_rows = load_datasets(recipe.data, required=("chosen", "rejected"), optional=("prompt",))
     trainer = DPOTrainer(recipe.model.model_name_or_path, recipe.args, train_rows, eval_dataset=eval_rows,
                          model_config=recipe.model, config=recipe.to_dict())
     save_recipe(recipe, trainer.accelerator)

@@ -27,10 +27,16 @@ from peft import PeftModel, PeftType, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from transformers.modeling_outputs import TokenClassifierOutput
 
-from llmrl.adapters import CRITIC_ADAPTER, Adapter, combine, starting_adapters
 # policy_export lives with the other adapter exports (llmrl.adapters); the online trainer imports it from here.
-from llmrl.adapters import policy_export  # noqa: F401
-from llmrl.models import HEAD_NAMES, adapter_is_trained, enable_checkpointing, lora_config
+from llmrl.adapters import (
+    CRITIC_ADAPTER,
+    Adapter,
+    combine,
+    policy_export,  # noqa: F401
+    starting_adapters,
+)
+from llmrl.models import HEAD_NAMES, enable_checkpointing, lora_config
+from llmrl.reference import adapter_is_trained
 
 VALUE_HEAD = "value_head"  # the head's attribute on the policy's PeftModel
 
