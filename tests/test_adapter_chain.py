@@ -8,8 +8,13 @@ import random
 import datasets
 import pytest
 import torch
-from peft import (AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification,
-                  LoraConfig, get_peft_model)
+from peft import (
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+    LoraConfig,
+    get_peft_model,
+)
 from transformers import AutoModelForCausalLM
 
 from llmrl import DPOConfig, DPOTrainer, RewardTrainer, RLTrainer, SFTTrainer

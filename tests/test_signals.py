@@ -1,6 +1,6 @@
-"""SIGTERM (what preemptible and SLURM machines send) and SIGINT end an `llmrl train` run with a
-checkpoint of the step it was in, and a resume ends where an uninterrupted run ends; a second
-signal stops at once. Logs reach a pipe line by line, as they are printed."""
+"""SIGTERM (what preemptible and SLURM machines send) and SIGINT end an `llmrl train` run (every
+trainer kind, one process or a 2-process launch) with a checkpoint of the step it was in, and a
+resume ends where an uninterrupted run ends; a second signal stops at once. Logs reach a pipe line by line, as they are printed."""
 
 import json
 import os
@@ -9,52 +9,68 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from llmrl.trainers.checkpoint import checkpoint_problem
 
-def recipe(tmp_path, model_dir, out, **more):
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}="}) + "\n" for i in range(16)))
+ROWS = {
+    "grpo": lambda i: {"prompt": f"{i}+{i}="},
+    "sft": lambda i: {"prompt": f"{i}+{i}=", "completion": str(2 * i)},
+    "reward_model": lambda i: {"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": str(2 * i + 1)},
+}
+SETTINGS = {
+    "grpo": {"reward_funcs": ["length"], "num_generations": 4, "max_completion_length": 8},
+    "sft": {},
+    "reward_model": {},
+}
+
+
+def recipe(tmp_path, model_dir, out, kind="grpo", **more):
+    data = tmp_path / f"{kind}.jsonl"
+    data.write_text("".join(json.dumps(ROWS[kind](i)) + "\n" for i in range(16)))
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump({
-        "algorithm": "grpo", "model_name_or_path": model_dir, "dataset_name": str(data), "reward_funcs": ["length"],
-        "num_generations": 4, "per_device_train_batch_size": 8, "max_completion_length": 8, "learning_rate": 1e-3,
-        "lr_scheduler_type": "constant", "save_steps": 0, "logging_steps": 1, "disable_tqdm": True,
-        "output_dir": str(out), "seed": 0, **more}))
+        "algorithm": kind, "model_name_or_path": model_dir, "dataset_name": str(data), **SETTINGS[kind],
+        "per_device_train_batch_size": 8, "learning_rate": 1e-3, "lr_scheduler_type": "constant", "save_steps": 0,
+        "logging_steps": 1, "disable_tqdm": True, "output_dir": str(out), "seed": 0, **more}))
     return path
 
 
-def start(path, *flags):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def start(path, *flags, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "llmrl", "train", str(path), *flags], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
 def first_record(process, timeout=240.0):
-    """The first JSON metrics line, read from the pipe while the run goes on (line-buffered logs)."""
+    """The first metrics line (a dict: llmrl's JSON, or transformers' printed dict), read from the
+    pipe while the run goes on (line-buffered logs)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
         if not ready:
             break
         line = process.stdout.readline()
-        if line.startswith('{"'):
-            return json.loads(line)
+        if line.startswith("{"):
+            return line
         if not line and process.poll() is not None:
             break
     process.kill()
     raise AssertionError(f"no metrics line arrived while the run was going: {process.stderr.read()[-2000:]}")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("kind, signum", [("grpo", signal.SIGTERM), ("grpo", signal.SIGINT),
+                                          ("sft", signal.SIGTERM), ("reward_model", signal.SIGINT)])
 def test_a_signal_writes_a_checkpoint_and_the_resume_ends_where_an_uninterrupted_run_ends(
-        tiny_model_dir, tmp_path, signum):
+        tiny_model_dir, tmp_path, kind, signum):
+    """Online RL (llmrl's loop) and SFT / reward models (transformers' Trainer) alike."""
     out = tmp_path / "run"
-    path = recipe(tmp_path, tiny_model_dir, out)
+    path = recipe(tmp_path, tiny_model_dir, out, kind)
     process = start(path, "--max_steps", "100000")
     first_record(process)  # it is training, with no checkpoint due (save_steps: 0)
     process.send_signal(signum)
@@ -67,22 +83,63 @@ def test_a_signal_writes_a_checkpoint_and_the_resume_ends_where_an_uninterrupted
     resumed = subprocess.run([sys.executable, "-m", "llmrl", "train", str(path), "--max_steps", str(step + 2),
                               "--resume_from_checkpoint", "true"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    whole = subprocess.run([sys.executable, "-m", "llmrl", "train", str(recipe(tmp_path, tiny_model_dir, tmp_path / "whole")),
+    whole = subprocess.run([sys.executable, "-m", "llmrl", "train", str(recipe(tmp_path, tiny_model_dir, tmp_path / "whole", kind)),
                             "--max_steps", str(step + 2)], capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+SLOW_REWARD = """
+import time
+
+
+def slow(prompts, completions, **kwargs):
+    time.sleep(4)
+    return [0.0] * len(completions)
+"""
+
+
 def test_a_second_signal_stops_at_once(tiny_model_dir, tmp_path):
-    """Long steps (256-token completions), two signals a moment apart: the default handler, back in
-    place after the first, ends the process before the step can finish; nothing is saved."""
+    """Long steps (a reward that takes 4 s), two signals 1.5 s apart: the second, later than a
+    launcher's forwarding of the first would come, ends the process before the step can finish;
+    nothing is saved."""
+    (tmp_path / "slowreward.py").write_text(SLOW_REWARD)
     out = tmp_path / "run"
-    process = start(recipe(tmp_path, tiny_model_dir, out, max_completion_length=256), "--max_steps", "100000")
+    process = start(recipe(tmp_path, tiny_model_dir, out, reward_funcs=["slowreward:slow"]), "--max_steps", "100000",
+                    env={"PYTHONPATH": str(tmp_path)})
     first_record(process)
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    time.sleep(1.5)
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=120)
     assert process.returncode == -signal.SIGTERM
     assert not list(out.glob("checkpoint-*"))
+
+
+def test_a_signal_to_every_process_of_a_two_process_launch_is_one_request(tiny_model_dir, tmp_path):
+    """Ctrl-C and SLURM signal the whole process group: each worker gets SIGTERM from there and
+    again from the launcher forwarding it. That is one request: both workers finish the same step,
+    write one complete checkpoint together, and a 2-process resume continues from it."""
+    out = tmp_path / "run"
+    path = recipe(tmp_path, tiny_model_dir, out)
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1", "--mixed_precision",
+              "no", "--dynamo_backend", "no", "--main_process_port", "29541", "--multi_gpu", "--num_processes", "2",
+              "-m", "llmrl", "train", str(path)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([*launch, "--max_steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+    first_record(process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    [checkpoint] = out.glob("checkpoint-*")
+    assert checkpoint_problem(checkpoint) is None
+    step = int(checkpoint.name.split("-")[1])
+    assert f"llmrl: stopped by SIGTERM after step {step}: {checkpoint} written" in stderr, stderr[-3000:]
+    assert "Unable to shutdown process" not in stderr, "the launcher had to kill a worker"
+
+    resumed = subprocess.run([*launch, "--max_steps", str(step + 1), "--resume_from_checkpoint", "true"],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoint} at step {step}" in resumed.stdout
+    assert (out / "model.safetensors").is_file()

@@ -30,7 +30,6 @@ from llmrl.logprobs import completion_logprobs
 from llmrl.rewards import completion_text
 from llmrl.rollout import Rollout
 
-
 # Besides EOS, the generation config ends a completion at any of these characters (as a chat
 # model declares its end-of-turn ids, which the trainer honours): about 10% per token, so 12-token
 # rollouts mix early stops of every length with truncated completions.

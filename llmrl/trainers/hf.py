@@ -8,20 +8,35 @@ one mapping from llmrl's `TrainConfig` to `TrainingArguments`, and the run aroun
 final evaluation when the last step did not evaluate, the final model as a plain `save_pretrained`
 folder (model or adapter, plus tokenizer) in output_dir, and the log history as the return value.
 Checkpoints are the Trainer's own `checkpoint-<step>` folders (model or adapter, tokenizer,
-optimizer, scheduler, RNG states, trainer_state.json).
+optimizer, scheduler, RNG states, trainer_state.json), written under a temporary name and renamed
+when complete, like every llmrl save (`llmrl.trainers.checkpoint`); SIGINT/SIGTERM end the run with
+one, as in the other trainers (`llmrl.trainers.signals`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import signal
+from pathlib import Path
 
 import torch
 from peft import PeftModel
+from transformers import TrainerCallback
 
 from llmrl.adapters import policy_export, starting_adapters
 from llmrl.config import ModelConfig, TrainConfig
 from llmrl.models import resolve_dtype
-from llmrl.trainers.checkpoint import claim_output_dir, resolve_resume
+from llmrl.trainers.checkpoint import (
+    PREFIX,
+    TMP,
+    claim_output_dir,
+    publish_checkpoint,
+    reporting_full_disk,
+    resolve_resume,
+    save_final,
+)
+from llmrl.trainers.signals import RunInterrupted, StopOnSignal
 from llmrl.trainers.tracking import logging_dir, tracker_names
 
 
@@ -97,18 +112,58 @@ class HFRunMixin:
         """Train; returns `trainer.state.log_history` (train records, then `eval_*` records).
 
         `resume_from_checkpoint` None means "as the config says"; True or a path as in
-        `transformers.Trainer.train`.
+        `transformers.Trainer.train`. A SIGINT/SIGTERM ends the run after the current step with a
+        checkpoint of it (`RunInterrupted`).
         """
         if resume_from_checkpoint is None:
             claim_output_dir(self.train_config, self.accelerator)
             resume = resolve_resume(self.train_config.resume_from_checkpoint, self.args.output_dir)
             resume_from_checkpoint = str(resume) if resume is not None else None
-        super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        with StopOnSignal() as stop:
+            on_signal = _StopAndSave(self, stop)
+            self.add_callback(on_signal)
+            try:
+                super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            finally:
+                self.remove_callback(on_signal)
+        if on_signal.signum:
+            checkpoint = Path(self.args.output_dir) / f"{PREFIX}{self.state.global_step}"
+            raise RunInterrupted(f"stopped by {signal.Signals(on_signal.signum).name} after step "
+                                 f"{self.state.global_step}: {checkpoint} written; continue with "
+                                 "resume_from_checkpoint: true.", on_signal.signum)
         evaluated_last_step = self.args.eval_strategy == "steps" and self.state.global_step % self.args.eval_steps == 0
         if self.eval_dataset is not None and not evaluated_last_step:
             self.evaluate()
-        self.save_model(self.args.output_dir)  # the model (or adapter) and the tokenizer
+        # Every process saves (a sharded model gathers); the main process writes the files.
+        save_final(self.accelerator, self.args.output_dir, self.save_model, main_only=False)
         return self.state.log_history
+
+    _staging: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into `.tmp-checkpoint-<step>/` and renamed to
+        `checkpoint-<step>` once complete (a kill mid-save leaves no broken newest checkpoint), the
+        oldest then removed beyond `save_total_limit`; a full disk is reported as such."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX}{self.state.global_step}"
+        staging = run_dir / f"{TMP}{name}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = str(staging)
+        try:
+            with reporting_full_disk(staging, name, run_dir):
+                super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(staging / name, run_dir / name, self.args.save_total_limit)
+            staging.rmdir()
+        self.accelerator.wait_for_everyone()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The Trainer's save; a final folder (not a checkpoint) of a model that started from adapter
@@ -118,3 +173,18 @@ class HFRunMixin:
         model = self.accelerator.unwrap_model(self.model)
         if not _internal_call and self.args.should_save and isinstance(model, PeftModel) and starting_adapters(model):
             policy_export(model).save_pretrained(output_dir or self.args.output_dir)
+
+
+class _StopAndSave(TrainerCallback):
+    """After each optimizer step: once any process got a signal (`StopOnSignal.requested`, a
+    collective every process reaches at the same step), save this step and stop training."""
+
+    def __init__(self, trainer, stop: StopOnSignal):
+        self.trainer, self.stop, self.signum = trainer, stop, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.signum = self.stop.requested(self.trainer.accelerator)
+        if self.signum:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

@@ -21,12 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmrl.adapters import policy_export
-from llmrl.trainers.checkpoint import claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, write_exports
+from llmrl.trainers.checkpoint import claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, save_final, write_exports
 from llmrl.trainers.common import adamw, gathered_state_dict, loss_scale, lr_schedule, replay_batches
 from llmrl.trainers.guards import NonFiniteGuard, checkpoint_is_finite, norm_value, require_finite_for_save
 from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.tracking import RunLogger
-
 
 
 class OfflineTrainer:
@@ -113,7 +112,7 @@ class OfflineTrainer:
         self.logger = RunLogger(self.accelerator, args, self.max_steps, self._config, self.global_step)
         batches = replay_batches(self.loader, skip)
         self.model.train()
-        with StopOnSignal() as stop:
+        with self.logger, StopOnSignal() as stop:
             while self.global_step < self.max_steps:
                 self.logger.log(self.training_step(batches), self.global_step)
                 if self.eval_dataset is not None and self._due(args.eval_steps):
@@ -172,6 +171,4 @@ class OfflineTrainer:
         """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder."""
         require_finite_for_save(self.accelerator, [self.model], output_dir)
         exports = self._exports(".")
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            write_exports(output_dir, exports, self.tokenizer)
+        save_final(self.accelerator, output_dir, lambda folder: write_exports(folder, exports, self.tokenizer))

@@ -44,7 +44,8 @@ from llmrl.config import ModelConfig, RLConfig
 from llmrl.data import PROMPT_COLUMNS, DataError, PromptCollator, load_datasets, require_columns
 from llmrl.evaluation import evaluate_policy, sample_rows, score_rollout
 from llmrl.logprobs import completion_logprobs
-from llmrl.models import build_reference, disable_dropout, load_policy, load_tokenizer
+from llmrl.models import disable_dropout, load_policy, load_tokenizer
+from llmrl.reference import build_reference
 from llmrl.rewards import overlong_penalty, resolve_reward_funcs
 from llmrl.rewards.model import RewardModelReward
 from llmrl.rollout import (
@@ -59,6 +60,7 @@ from llmrl.trainers.checkpoint import (
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
+    save_final,
     save_recipe,
     write_exports,
 )
@@ -74,9 +76,9 @@ from llmrl.trainers.common import (
 from llmrl.trainers.critic import Critic
 from llmrl.trainers.guards import NonFiniteGuard, checkpoint_is_finite, norm_value, require_finite_for_save
 from llmrl.trainers.launch import refuse_unsharded_copies
-from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.shared_critic import policy_export
-from llmrl.trainers.tracking import RunLogger, append_jsonl
+from llmrl.trainers.signals import StopOnSignal, stop_if_requested
+from llmrl.trainers.tracking import RunLogger, append_jsonl, drop_rows_after
 
 logger = logging.getLogger(__name__)
 
@@ -497,11 +499,12 @@ class RLTrainer:
             self.global_step, skip = state["step"], state["batches_consumed"]
             self.kl_coef = state.get("kl_coef", self.kl_coef)
             if self.accelerator.is_main_process:
+                drop_rows_after(Path(self.args.output_dir) / "completions.jsonl", self.global_step)
                 print(f"resumed from {resume} at step {self.global_step}")
         self.logger = RunLogger(self.accelerator, self.args, self.max_steps, self._config, self.global_step)
         batches = replay_batches(self.loader, skip)
         self.model.train()
-        with StopOnSignal() as stop:
+        with self.logger, StopOnSignal() as stop:
             while self.global_step < self.max_steps:
                 before = self.global_step
                 metrics = self.step(batches)
@@ -571,9 +574,7 @@ class RLTrainer:
         critic goes to its `value_model/` subfolder (a token-classification model)."""
         require_finite_for_save(self.accelerator, self._trained_models(), output_dir)
         exports = self._exports(".")
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            write_exports(output_dir, exports, self.tokenizer)
+        save_final(self.accelerator, output_dir, lambda folder: write_exports(folder, exports, self.tokenizer))
 
 
 def run(recipe):

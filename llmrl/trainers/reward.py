@@ -41,8 +41,8 @@ from llmrl.adapters import check_chain
 from llmrl.config import ModelConfig, RewardConfig
 from llmrl.data import DataError, load_datasets, require_columns
 from llmrl.models import HEAD_NAMES, last_token_index, load_reward_model, load_tokenizer, lora_config, padded_forward
-from llmrl.trainers.hf import HFRunMixin, training_arguments
 from llmrl.trainers.checkpoint import save_recipe
+from llmrl.trainers.hf import HFRunMixin, training_arguments
 
 logger = logging.getLogger(__name__)
 

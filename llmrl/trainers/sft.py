@@ -30,8 +30,8 @@ from transformers import set_seed
 from llmrl.config import ModelConfig, SFTConfig
 from llmrl.data import DataError, load_datasets, require_columns
 from llmrl.models import load_policy, load_tokenizer
-from llmrl.trainers.hf import HFRunMixin, training_arguments
 from llmrl.trainers.checkpoint import save_recipe
+from llmrl.trainers.hf import HFRunMixin, training_arguments
 
 logger = logging.getLogger(__name__)
 

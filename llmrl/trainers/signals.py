@@ -4,22 +4,27 @@ Preemptible and SLURM machines send SIGTERM before they take the machine back, a
 SIGINT; with `save_steps: 0` (every shipped recipe) either used to lose the whole run. Now the first
 signal lets the current optimizer step finish, the trainer writes `checkpoint-<step>` and stops
 with `RunInterrupted` (the CLI exits 128 + the signal's number); `resume_from_checkpoint: true`
-continues from there. The first signal also puts the default handlers back, so a second one stops
-the process at once.
+continues from there. A second signal stops the process at once.
 
 Every process of a launch gets the signal (torchrun forwards it), but not always at the same step:
-`requested()` is a collective, so they all stop after the same step and save together.
+`requested()` is a collective, so they all stop after the same step and save together. A process
+often gets the signal twice, directly (Ctrl-C and SLURM signal the whole process group) and again
+from torchrun forwarding it: a repeat within `REPEAT_WINDOW` seconds is that same request. torchrun
+gives its workers 30 seconds to finish after it forwards a signal, then kills them.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REPEAT_WINDOW = 1.0  # seconds: a signal repeated this soon is the launcher forwarding the first
 
 
 class RunInterrupted(RuntimeError):
@@ -36,14 +41,17 @@ class StopOnSignal:
 
     def __init__(self):
         self.signum = 0
+        self._first = 0.0
         self._previous = {}
 
     def _handle(self, signum, frame):
-        self.signum = signum
-        for sig, handler in self._previous.items():  # the next signal acts at once
-            signal.signal(sig, handler)
-        print(f"llmrl: {signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
-              "(send it again to stop at once).", file=sys.stderr, flush=True)
+        if not self.signum:
+            self.signum, self._first = signum, time.monotonic()
+            print(f"llmrl: {signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
+                  "(send it again to stop at once).", file=sys.stderr, flush=True)
+        elif time.monotonic() - self._first > REPEAT_WINDOW:  # a second request: the previous handler acts now
+            self.__exit__()
+            os.kill(os.getpid(), signum)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -55,6 +63,7 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
         return False
 
     def requested(self, accelerator) -> int:

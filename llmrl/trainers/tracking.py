@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -70,6 +71,16 @@ class RunLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc=args.algorithm, dynamic_ncols=True,
                         disable=not main or args.disable_tqdm)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        """`with logger:` around the loop: a run that fails ends its progress-bar line, so the
+        error is printed on a line of its own (the bar ends its line without a newline)."""
+        if kind is not None:
+            self.bar.close()
+        return False
+
     def log(self, metrics: dict, step: int, prefix: str = "") -> dict:
         """Record `metrics` (prefixed) at `step`; returns the record."""
         record = {f"{prefix}{key}": value for key, value in metrics.items()}
@@ -102,3 +113,23 @@ def append_jsonl(path, rows: list[dict]) -> None:
     with path.open("a", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def drop_rows_after(path, step: int) -> None:
+    """Keep the rows of a JSON-lines file logged at `step` or before (and drop a line a kill cut
+    short): a resumed run replays the steps after its checkpoint and logs them again. Rewritten
+    under a temporary name, then renamed."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
