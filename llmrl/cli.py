@@ -82,11 +82,39 @@ def train_command(argv: list[str]) -> int:
     return 0
 
 
+# The fields `llmrl eval` reads, besides the data fields and the model fields that load a model.
+TRAINING_ONLY_MODEL_FIELDS = ("use_peft", "lora_", "gradient_checkpointing")
+EVAL_FIELDS = ("reward_funcs", "reward_weights", "per_device_eval_batch_size", "max_prompt_length",
+               "max_completion_length", "eval_do_sample", "temperature", "top_p", "top_k", "seed")
+
+
+def _eval_help() -> str:
+    import dataclasses
+
+    from llmrl.config import DataConfig, ModelConfig, RLConfig
+
+    def lines(fields):
+        return "\n".join(f"  --{f.name:<28} {f.metadata.get('help', '')}" for f in fields)
+
+    evaluated = [f for f in dataclasses.fields(RLConfig) if f.name in EVAL_FIELDS]
+    loading = [f for f in dataclasses.fields(ModelConfig) if not f.name.startswith(TRAINING_ONLY_MODEL_FIELDS)]
+    return "\n".join([
+        "usage: llmrl eval [RECIPE.yaml] [--field value ...] [--output_file FILE.jsonl]", "",
+        "Score one completion per prompt (greedy unless --eval_do_sample true) of the recipe's eval split, or of",
+        "dataset_name when none is set, with its reward_funcs; prints the metrics as one JSON line.", "",
+        "  --output_file FILE.jsonl       also write each prompt, completion and reward there", "",
+        "generation and scoring:", lines(evaluated), "",
+        "model:", lines(loading), "", "data:", lines(dataclasses.fields(DataConfig))])
+
+
 def eval_command(argv: list[str]) -> int:
     from llmrl.evaluation import run_eval
     from llmrl.recipe import RecipeError, load_recipe
 
     recipe_path, flags = _split_recipe(argv)
+    if "-h" in flags or "--help" in flags:
+        print(_eval_help())
+        return 0
     output_file = None
     if "--output_file" in flags:
         at = flags.index("--output_file")

@@ -214,16 +214,14 @@ def tokenize_preferences(rows, tokenizer, source: str, max_prompt_length: int | 
                          max_length: int | None = None):
     """Preference rows -> a dataset of `prompt_ids`, `chosen_ids`, `rejected_ids` (`encode_preference`).
 
-    Rows without a `prompt` column may hold whole conversations in chosen/rejected: their shared
-    first messages are the prompt (TRL's implicit-prompt format). Missing columns and empty answers
-    are errors that name `source`, the column and the row.
+    Rows without a `prompt` column hold whole texts or conversations in chosen/rejected: what they
+    share at the start (the first messages, or the text up to the last space before they differ)
+    is the prompt (TRL's implicit-prompt format). Missing columns and empty answers are errors that
+    name `source`, the column and the row.
     """
-    require_columns(rows, ("chosen", "rejected"), source)
+    require_columns(rows, PREFERENCE_COLUMNS if "prompt" in rows.column_names else ("chosen", "rejected"), source)
     if len(rows) == 0:
         raise DataError(f"Dataset {source!r} has no rows.")
-    implicit = "prompt" not in rows.column_names and is_conversational({"chosen": rows[0]["chosen"]})
-    if not implicit:
-        require_columns(rows, PREFERENCE_COLUMNS, source)
 
     def encode(row, index):
         row = maybe_extract_prompt(row)
@@ -259,9 +257,14 @@ def pad(sequences: list[list[int]], pad_id: int, side: str = "left") -> tuple[to
     return input_ids, mask
 
 
+# Columns reward functions do not get, as in TRL: the prompt (they get `prompts`), and a dataset's
+# own `completion` / `completion_ids`, which the generated completions replace.
+NOT_REWARD_COLUMNS = ("prompt", "completion", "completion_ids")
+
+
 class PromptCollator:
     """Collates prompt-only rows into a left-padded batch for generation, keeping every other
-    column as a list (reward functions get them as keyword arguments)."""
+    column (but `NOT_REWARD_COLUMNS`) as a list: reward functions get them as keyword arguments."""
 
     def __init__(self, tokenizer, max_prompt_length: int):
         self.tokenizer = tokenizer
@@ -271,7 +274,7 @@ class PromptCollator:
         prompts = [row["prompt"] for row in rows]
         ids = encode_prompts(prompts, self.tokenizer, self.max_prompt_length)
         input_ids, attention_mask = pad(ids, self.tokenizer.pad_token_id, side="left")
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in NOT_REWARD_COLUMNS}
         return {"prompts": prompts, "input_ids": input_ids, "attention_mask": attention_mask, "columns": columns}
 
 

@@ -18,8 +18,9 @@ from llmrl.rollout import Rollout, generate_completions, stop_token_ids
 
 
 def score_rollout(rollout: Rollout, batch: dict, tokenizer, reward_funcs, reward_weights=None,
-                  num_generations: int = 1) -> tuple[list, list, dict, RewardResult]:
-    """Decode a rollout of `batch` (a `PromptCollator` batch) and score it.
+                  num_generations: int = 1, trainer_state=None) -> tuple[list, list, dict, RewardResult]:
+    """Decode a rollout of `batch` (a `PromptCollator` batch) and score it (`trainer_state`: what
+    the reward functions get as such, the trainer's `state`).
 
     Returns (prompts, completions, columns, result), each list one entry per rollout row. Chat
     prompts get their completions as assistant messages, as TRL passes them to reward functions."""
@@ -30,7 +31,8 @@ def score_rollout(rollout: Rollout, batch: dict, tokenizer, reward_funcs, reward
         completions = [[{"role": "assistant", "content": text}] for text in completions]
     columns = {key: [v for v in values for _ in range(n)] for key, values in batch["columns"].items()}
     ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-    result = score_completions(reward_funcs, reward_weights, prompts, completions, columns, completion_ids=ids)
+    result = score_completions(reward_funcs, reward_weights, prompts, completions, columns, completion_ids=ids,
+                               trainer_state=trainer_state)
     return prompts, completions, columns, result
 
 
@@ -53,7 +55,7 @@ def sample_rows(prompts, completions, columns, result: RewardResult, extra: dict
 def evaluate_policy(model, tokenizer, dataset, reward_funcs, *, reward_weights=None, batch_size: int = 8,
                     max_prompt_length: int = 512, max_completion_length: int = 256, do_sample: bool = False,
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                    accelerator=None) -> tuple[dict, list[dict]]:
+                    accelerator=None, trainer_state=None) -> tuple[dict, list[dict]]:
     """One completion per prompt of `dataset`, scored. Returns (metrics, this process's sample rows).
 
     With several processes each scores its own shard of the prompts and the metrics are global:
@@ -91,7 +93,8 @@ def evaluate_policy(model, tokenizer, dataset, reward_funcs, *, reward_weights=N
             do_sample=do_sample).to("cpu")
         if stand_in:
             continue
-        prompts, completions, columns, result = score_rollout(rollout, batch, tokenizer, reward_funcs, reward_weights)
+        prompts, completions, columns, result = score_rollout(rollout, batch, tokenizer, reward_funcs, reward_weights,
+                                                              trainer_state=trainer_state)
         scores = torch.cat([result.total[:, None], result.rewards], dim=1).double()
         applied = ~torch.isnan(scores)
         sums[: len(names) + 1] += scores.nan_to_num(0.0).sum(0)
@@ -100,7 +103,7 @@ def evaluate_policy(model, tokenizer, dataset, reward_funcs, *, reward_weights=N
         sums[-2] += rollout.truncated.sum()
         sums[-1] += len(prompts)
         rows += sample_rows(prompts, completions, columns, result,
-                            {"completion_length": rollout.completion_lengths.tolist(),
+                            {**result.extra, "completion_length": rollout.completion_lengths.tolist(),
                              "truncated": rollout.truncated.tolist()})
     if distributed:
         sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()

@@ -18,6 +18,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from llmrl.config import ALGORITHMS, DataConfig, ModelConfig, TrainConfig, closest_name
+from llmrl.config.trl_names import RENAMED, problems_message, refusal, translate
 
 
 class RecipeError(ValueError):
@@ -62,6 +63,12 @@ class _Parser(HfArgumentParser):
 
     def error(self, message):
         raise RecipeError(f"{message}. Run `llmrl train --help` for the fields and their types.")
+
+    def add_argument(self, *args, **kwargs):
+        """A field's help is plain text: a '%' in it ("~30% slower") is not an argparse format."""
+        if isinstance(kwargs.get("help"), str):
+            kwargs["help"] = kwargs["help"].replace("%", "%%")
+        return super().add_argument(*args, **kwargs)
 
 
 def config_classes(algorithm: str) -> tuple[type, type, type]:
@@ -115,6 +122,32 @@ def _unknown_key(key: str, valid, algorithm: str, where: str) -> RecipeError:
     return RecipeError(f"Unknown field {key!r} in {where}.{hint_text} `llmrl train --help` lists the valid fields.")
 
 
+def _trl_flags(flags: list[str], config_class, hints, given: dict) -> tuple[list[str], list[str]]:
+    """TRL's names among the flags (`--loss_type dapo`, `--bf16 false`), translated as a recipe's
+    are (`llmrl.config.trl_names`); returns the flags with llmrl's names, and the problems."""
+    kept, trl_values, i = [], {}, 0
+    while i < len(flags):
+        token = flags[i]
+        key = token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else ""
+        if key and key not in hints and (key in RENAMED or refusal(key) is not None):
+            if "=" in token:
+                raw, i = token.split("=", 1)[1], i + 1
+            elif i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+                raw, i = flags[i + 1], i + 2
+            else:
+                raw, i = "true", i + 1
+            trl_values[key] = yaml.safe_load(raw)
+            continue
+        kept.append(token)
+        i += 1
+    if not trl_values:
+        return flags, []
+    translated, problems = translate(config_class, trl_values, hints, "the command line", {**given, **trl_values})
+    for key, value in translated.items():
+        kept += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return kept, problems
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -146,9 +179,14 @@ def load_recipe(path: str | os.PathLike | None = None, flags: list[str] | None =
     algorithm = algorithm_from_flags(flags) or given.get("algorithm", "grpo")
     classes = config_classes(algorithm)
     hints = _field_types(classes)
-    for key in given:
-        if key not in hints:
-            raise _unknown_key(key, hints, algorithm, where)
+    given, problems = translate(classes[2], given, hints, where)
+    flags, flag_problems = _trl_flags(flags, classes[2], hints, given)
+    problems += flag_problems + [str(_unknown_key(key, hints, algorithm, where)) for key in given if key not in hints]
+    unknown_flags = [key for key in (t[2:].split("=", 1)[0] for t in flags if t.startswith("--")) if key not in hints]
+    if problems and unknown_flags:  # argparse would report these only once the rest is fixed
+        problems += [str(_unknown_key(key, hints, algorithm, "the command line")) for key in unknown_flags]
+    if problems:
+        raise RecipeError(problems_message(where, problems))
 
     # Scalars go in as strings, so argparse converts and checks them exactly as it does flags
     # (PyYAML also reads `1e-5` as a string: YAML 1.1 wants a dot in a float).
@@ -162,7 +200,9 @@ def load_recipe(path: str | os.PathLike | None = None, flags: list[str] | None =
     except ValueError as err:  # a __post_init__ validation: the message already says what and why
         raise RecipeError(f"{where}: {err}") from None
     if rest:
-        unknown = next((s for s in rest if s.startswith("--")), rest[0])
-        raise _unknown_key(unknown.lstrip("-").split("=")[0], hints, algorithm, "the command line")
+        unknown = [token.lstrip("-").split("=")[0] for token in rest if token.startswith("--")] or rest[:1]
+        raise RecipeError(problems_message("the command line", [str(_unknown_key(key, hints, algorithm,
+                                                                                 "the command line"))
+                                                                 for key in unknown]))
     model, data, args = configs
     return Recipe(model=model, data=data, args=args, source=str(path) if path else None)

@@ -39,6 +39,22 @@ def test_train_help_lists_fields_with_help_text_for_the_recipe_algorithm(tmp_pat
     assert "--loss_type" in out and "--num_generations" not in out
 
 
+def test_train_help_text_is_the_fields_help_not_argparse_internals():
+    """A '%' in a field's help ("~30% slower") used to print argparse's own dict of the option."""
+    out = run("train", "--help").stdout
+    assert "~30% slower" in out and "option_strings" not in out
+
+
+def test_eval_help_lists_what_eval_reads_and_its_output_file():
+    result = run("eval", "--help")
+    assert result.returncode == 0 and "--output_file" in result.stdout
+    for field in ("--model_name_or_path", "--dataset_name", "--reward_funcs", "--max_completion_length",
+                  "--eval_do_sample"):
+        assert field in result.stdout
+    for training_only in ("--learning_rate", "--num_generations", "--lora_r", "--save_steps"):
+        assert training_only not in result.stdout
+
+
 def test_print_config_resolves_preset_recipe_and_flags(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("algorithm: dapo\nmodel_name_or_path: m\nepsilon: 0.1\n")

@@ -138,7 +138,15 @@ def test_abbreviated_flag_is_not_silently_accepted(tmp_path):
 
 
 def test_key_of_another_trainer_says_which(tmp_path):
-    with pytest.raises(RecipeError, match=r"'loss_type' .* DPOConfig .*not of algorithm 'grpo'"):
+    with pytest.raises(RecipeError, match=r"'label_smoothing' .* DPOConfig .*not of algorithm 'grpo'"):
+        load_recipe(write(tmp_path, "algorithm: grpo\nlabel_smoothing: 0.1\n"))
+
+
+def test_a_grpo_loss_type_is_trls_and_names_llmrls_field(tmp_path):
+    """TRL's GRPO loss_type is llmrl's loss_agg_mode (docs/trl_fields.md); a DPO loss there says so."""
+    assert load_recipe(write(tmp_path, "algorithm: grpo\nloss_type: dapo\n")).args.loss_agg_mode == "token_mean"
+    with pytest.raises(RecipeError, match=r"loss_type: llmrl takes \['bnpo', 'dapo', 'dr_grpo', 'grpo'\] here "
+                                          r"\(as loss_agg_mode\), not 'ipo'"):
         load_recipe(write(tmp_path, "algorithm: grpo\nloss_type: ipo\n"))
 
 

@@ -263,7 +263,9 @@ def test_default_weights_are_one_and_columns_and_keywords_reach_functions():
     result = score_completions([("spy", spy), ("length", make_length_reward(2))], None, ["p"], ["abc"],
                                {"answer": ["1"]}, completion_ids=[[5, 6]], trainer_state="state")
     assert result.total.tolist() == [pytest.approx(3.0 - 0.5)]
-    assert seen == {"answer": ["1"], "completion_ids": [[5, 6]], "trainer_state": "state"}
+    assert {key: value for key, value in seen.items() if not key.startswith("log_")} == {
+        "answer": ["1"], "completion_ids": [[5, 6]], "trainer_state": "state"}
+    assert callable(seen["log_extra"]) and callable(seen["log_metric"]), "TRL's logging callbacks"
 
 
 def test_weights_must_match_the_functions():

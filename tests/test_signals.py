@@ -91,24 +91,31 @@ def test_a_signal_writes_a_checkpoint_and_the_resume_ends_where_an_uninterrupted
 
 
 SLOW_REWARD = """
+import os
 import time
 
 
 def slow(prompts, completions, **kwargs):
+    with open(os.environ["REWARD_CALLS"], "a") as calls:
+        calls.write("called\\n")
     time.sleep(4)
     return [0.0] * len(completions)
 """
 
 
 def test_a_second_signal_stops_at_once(tiny_model_dir, tmp_path):
-    """Long steps (a reward that takes 4 s), two signals 1.5 s apart: the second, later than a
-    launcher's forwarding of the first would come, ends the process before the step can finish;
-    nothing is saved."""
+    """Long steps (a reward that takes 4 s), two signals 1.5 s apart while the second step's reward
+    runs: the second, later than a launcher's forwarding of the first would come, ends the process
+    before the step can finish; nothing is saved."""
     (tmp_path / "slowreward.py").write_text(SLOW_REWARD)
+    calls = tmp_path / "calls.txt"
     out = tmp_path / "run"
     process = start(recipe(tmp_path, tiny_model_dir, out, reward_funcs=["slowreward:slow"]), "--max_steps", "100000",
-                    env={"PYTHONPATH": str(tmp_path)})
-    first_record(process)
+                    env={"PYTHONPATH": str(tmp_path), "REWARD_CALLS": str(calls)})
+    deadline = time.monotonic() + 240
+    while not (calls.is_file() and len(calls.read_text().splitlines()) >= 2):  # the second step's reward is running
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     time.sleep(1.5)
     process.send_signal(signal.SIGTERM)

@@ -23,6 +23,10 @@ from llmrl.config.base import (
 )
 from llmrl.config.offline import DPOConfig, RewardConfig, SFTConfig
 from llmrl.config.online import GROUP_ESTIMATORS, KL_PLACEMENTS, PRESETS, RLConfig
+from llmrl.config.trl_names import accept_trl_names
+
+for _config in (RLConfig, DPOConfig, SFTConfig, RewardConfig):
+    accept_trl_names(_config)  # RLConfig(loss_type="dapo", bf16=False, ...): TRL's names, translated or refused
 
 # Which config (and so which trainer) each algorithm name selects.
 ALGORITHMS: dict[str, type[TrainConfig]] = {

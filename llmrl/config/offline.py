@@ -22,7 +22,8 @@ class DPOConfig(TrainConfig):
     precompute_ref_log_probs: bool = field(
         default=False, metadata=_help("Compute the reference log-probs once before training, then free the reference.")
     )
-    max_prompt_length: int = field(default=512, metadata=_help("Prompts longer than this keep their last tokens."))
+    max_prompt_length: int | None = field(
+        default=None, metadata=_help("Prompts longer than this keep their last tokens; None = half of max_length."))
     max_length: int = field(default=1024, metadata=_help("Most tokens of prompt + answer; answers are cut at the end."))
     average_log_prob: bool | None = field(
         default=None,
@@ -45,7 +46,7 @@ class DPOConfig(TrainConfig):
             raise ValueError(f"beta must be > 0 for DPO, got {self.beta}.")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
-        if not 0 < self.max_prompt_length < self.max_length:
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
             raise ValueError(f"max_prompt_length={self.max_prompt_length} must be positive and below max_length="
                              f"{self.max_length}, so that every answer keeps at least one token after its prompt.")
         if self.average_log_prob is None:

@@ -293,10 +293,11 @@ class RLConfig(TrainConfig):
                 "every prompt's group must fit whole. Change one of them."
             )
         from llmrl.rewards import resolve_reward_func
+        from llmrl.rewards.model import is_reward_model_spec
 
         for spec in self.reward_funcs:
-            if ":" not in spec:  # built-in names are checked now; user functions import in the trainer
-                resolve_reward_func(spec)
+            if ":" not in spec and not is_reward_model_spec(spec):  # built-in names are checked now; user functions
+                resolve_reward_func(spec)  # import in the trainer, reward models load there
         n_rewards = len(self.reward_funcs) + (self.reward_model_name_or_path is not None)
         # With no reward named here, the functions come in code (RLTrainer(reward_funcs=...)), which checks.
         if self.reward_weights is not None and n_rewards and len(self.reward_weights) != n_rewards:

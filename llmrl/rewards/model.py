@@ -12,9 +12,24 @@ prompt messages followed by the assistant's completion. The score is read at the
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from llmrl.data import pad
+
+
+def is_reward_model_spec(spec) -> bool:
+    """Does a `reward_funcs` entry name a reward model (TRL accepts one there) rather than a
+    function? A folder that holds a saved model, or a hub id `org/name`; never a built-in name
+    (which has no '/') nor `package.module:function` (which has a ':')."""
+    if not isinstance(spec, (str, os.PathLike)) or ":" in str(spec):
+        return False
+    path = Path(spec)
+    if path.is_dir():
+        return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+    return str(spec).count("/") == 1 and not path.suffix
 
 
 def _as_messages(completion) -> list[dict]:

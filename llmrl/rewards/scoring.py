@@ -1,15 +1,21 @@
 """Scoring a batch with several reward functions, and DAPO's overlong shaping.
 
 :func:`score_completions` is the one place a reward function's output is checked (count, numbers,
-None), weighted and summed, so the online trainer and evaluation read rewards the same way.
+None), weighted and summed, so the online trainer and evaluation read rewards the same way. A
+function gets what TRL's GRPOTrainer passes: the batch, `trainer_state` (global_step, max_steps,
+epoch, ...), and `log_extra(column, values)` / `log_metric(name, value)` to log its own columns and
+scalars; `async def` functions run concurrently, on one event loop in a background thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import math
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +41,8 @@ class RewardResult:
     rewards: torch.Tensor
     total: torch.Tensor
     means: dict[str, float]
+    extra: dict[str, list] = field(default_factory=dict)  # columns the functions logged with log_extra, N values each
+    metrics: dict[str, float] = field(default_factory=dict)  # the mean of each scalar logged with log_metric
 
     @property
     def scorable(self) -> torch.Tensor:
@@ -75,10 +83,78 @@ def _describe(batch: dict, i: int) -> str:
                      if isinstance(value, list) and key != "completion_ids")
 
 
+class RewardLog:
+    """`log_extra` and `log_metric`, TRL's callbacks for a reward function: one column of N values
+    (shown beside each completion in completions.jsonl) or one scalar (logged as a metric, the mean
+    of the batch's calls)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.extra: dict[str, list] = {}
+        self.metrics: dict[str, list[float]] = {}
+
+    def log_extra(self, column: str, values) -> None:
+        values = list(values)
+        if len(values) != self.n:
+            raise RewardFunctionError(f"log_extra({column!r}, ...) got {len(values)} values for {self.n} completions; "
+                                      "log one value per completion.")
+        self.extra[column] = values
+
+    def log_metric(self, name: str, value) -> None:
+        self.metrics.setdefault(name, []).append(float(value))
+
+    def kwargs(self) -> dict:
+        return {"log_extra": self.log_extra, "log_metric": self.log_metric}
+
+
+def is_async(fn) -> bool:
+    """An `async def` function (or an object whose `__call__` is one)."""
+    return inspect.iscoroutinefunction(fn) or (callable(fn) and inspect.iscoroutinefunction(type(fn).__call__))
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def run_async(coroutine):
+    """Run `coroutine` to its end on llmrl's event loop (a daemon thread, started once), so async
+    rewards work the same from a script, a notebook (whose own loop is running) or a trainer."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="llmrl-rewards", daemon=True).start()
+    return asyncio.run_coroutine_threadsafe(coroutine, _LOOP).result()
+
+
+async def _gather(coroutines):
+    return await asyncio.gather(*coroutines, return_exceptions=True)
+
+
+def _invoke(fn: RewardFunc, batch: dict):
+    output = fn(**batch)
+    return run_async(output) if inspect.isawaitable(output) else output
+
+
+def _outputs(pairs: list, batch: dict) -> list:
+    """Each function's raw output on `batch`: plain functions one after the other, then every
+    async one at once (their awaits overlap, as TRL's asyncio.gather does); a failure is re-raised
+    by `_call`, which names the function and the sample."""
+    waiting = [j for j, (_, fn) in enumerate(pairs) if is_async(fn)]
+    outputs = [None if j in waiting else _call(name, fn, batch) for j, (name, fn) in enumerate(pairs)]
+    if waiting:
+        results = run_async(_gather([pairs[j][1](**batch) for j in waiting]))
+        for j, result in zip(waiting, results):
+            outputs[j] = _call(*pairs[j], batch) if isinstance(result, Exception) else result
+    return outputs
+
+
 def _call(name: str, fn: RewardFunc, batch: dict) -> list:
     """``fn(**batch)``; if it raises, re-raise naming `name` and the first sample that fails alone."""
     try:
-        return fn(**batch)
+        return _invoke(fn, batch)
+    except RewardFunctionError:
+        raise
     except Exception as err:
         n = len(batch["completions"])
         culprit = next((i for i in range(n) if _fails(fn, _row(batch, i))), None)
@@ -92,7 +168,7 @@ def _call(name: str, fn: RewardFunc, batch: dict) -> list:
 
 def _fails(fn: RewardFunc, batch: dict) -> bool:
     try:
-        fn(**batch)
+        _invoke(fn, batch)
     except Exception:
         return True
     return False
@@ -148,7 +224,8 @@ def score_completions(
 
     ``score_completions(["format"], None, prompts, completions).total`` -> ``[N]``. Each function is
     called once on the whole batch, TRL-style: ``fn(prompts=, completions=, completion_ids=,
-    trainer_state=, **columns)``. Rules:
+    trainer_state=, log_extra=, log_metric=, **columns)`` (`RewardLog`); `async def` functions are
+    awaited together. Rules:
 
     - a function that raises is re-raised as a :class:`RewardFunctionError` naming it and showing
       the first sample on which it raises when called alone (or sample 0 if none does);
@@ -170,7 +247,9 @@ def score_completions(
     batch = {"prompts": prompts, "completions": completions, **columns}
     if completion_ids is not None:
         batch["completion_ids"] = completion_ids
-    outputs = [_checked(name, _call(name, fn, {**batch, "trainer_state": trainer_state}), batch) for name, fn in pairs]
+    log = RewardLog(len(completions))
+    raw = _outputs(pairs, {**batch, "trainer_state": trainer_state, **log.kwargs()})
+    outputs = [_checked(name, output, batch) for (name, _), output in zip(pairs, raw)]
     rewards = torch.tensor(outputs, dtype=torch.float32).reshape(len(pairs), len(completions)).T
     total = weighted_total(rewards, weights)
     unscorable = torch.isnan(total).nonzero().flatten().tolist()
@@ -179,7 +258,8 @@ def score_completions(
                        "signal; the first is sample %d: %s", len(unscorable), len(completions), unscorable[0],
                        _describe(batch, unscorable[0]))
     means = {name: float(rewards[:, j].nanmean()) for j, (name, _) in enumerate(pairs)}
-    return RewardResult([name for name, _ in pairs], rewards, total, means)
+    metrics = {name: sum(values) / len(values) for name, values in log.metrics.items()}
+    return RewardResult([name for name, _ in pairs], rewards, total, means, log.extra, metrics)
 
 
 # ---- Shaping --------------------

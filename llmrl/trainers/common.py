@@ -54,3 +54,30 @@ def lr_schedule(optimizer, args, max_steps: int):
     from warmup_steps, else warmup_ratio). Checkpoints keep its state as JSON (checkpoint.py)."""
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * max_steps)
     return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+
+
+def reduce_metrics(accelerator, metrics: dict) -> dict[str, float]:
+    """Each metric's mean over the processes, in one collective. The names are agreed first: a
+    name only some processes logged (a reward function's `log_metric` on some batches) is the mean
+    of the processes that logged it, and no process waits on a collective the others never make."""
+    if accelerator.num_processes == 1:
+        return {key: float(value) for key, value in metrics.items()}
+    from accelerate.utils import gather_object
+
+    names = sorted(set(gather_object(list(metrics))))
+    values = torch.tensor([[float(metrics.get(name, math.nan)) for name in names]], device=accelerator.device)
+    return dict(zip(names, accelerator.gather(values).nanmean(dim=0).tolist()))
+
+
+def trainer_state(trainer):
+    """A trainer's progress as transformers' `TrainerState` (global_step, max_steps, epoch,
+    log_history, ...): what TRL's trainers expose as `trainer.state` and pass reward functions as
+    `trainer_state`. Made on each read, from the trainer's own counters."""
+    from transformers import TrainerState
+
+    per_epoch = max(1, len(trainer.loader))
+    return TrainerState(global_step=trainer.global_step, max_steps=trainer.max_steps,
+                        epoch=trainer.batches_consumed / per_epoch, num_train_epochs=trainer.args.num_train_epochs,
+                        log_history=trainer.log_history, train_batch_size=trainer.args.per_device_train_batch_size,
+                        is_world_process_zero=trainer.accelerator.is_main_process,
+                        is_local_process_zero=trainer.accelerator.is_local_main_process)

@@ -100,7 +100,8 @@ class DPOTrainer(OfflineTrainer):
                          "trainer, or set precompute_ref_log_probs: false.")
 
     def _tokenize(self, rows, tokenizer, source: str):
-        return tokenize_preferences(rows, tokenizer, source, self.args.max_prompt_length, self.args.max_length)
+        prompt_limit = self.args.max_prompt_length or self.args.max_length // 2
+        return tokenize_preferences(rows, tokenizer, source, prompt_limit, self.args.max_length)
 
     @torch.no_grad()
     def _with_reference_logps(self, rows, reference):

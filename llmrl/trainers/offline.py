@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from llmrl.adapters import policy_export
 from llmrl.trainers.checkpoint import claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, save_final, write_exports
-from llmrl.trainers.common import adamw, gathered_state_dict, loss_scale, lr_schedule, replay_batches
+from llmrl.trainers.common import adamw, gathered_state_dict, loss_scale, lr_schedule, replay_batches, trainer_state
 from llmrl.trainers.guards import NonFiniteGuard, checkpoint_is_finite, norm_value, require_finite_for_save
 from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.tracking import RunLogger
@@ -128,6 +128,8 @@ class OfflineTrainer:
     @property
     def log_history(self) -> list[dict]:
         return self.logger.history if self.logger else []
+
+    state = property(trainer_state, doc="transformers' `TrainerState` of the run (`common.trainer_state`).")
 
     def ordered_loader(self, dataset, batch_size: int):
         """`dataset` in order, split over the processes; `gather_for_metrics` on what each batch

@@ -47,7 +47,7 @@ from llmrl.logprobs import completion_logprobs
 from llmrl.models import disable_dropout, load_policy, load_tokenizer
 from llmrl.reference import build_reference
 from llmrl.rewards import overlong_penalty, resolve_reward_funcs
-from llmrl.rewards.model import RewardModelReward
+from llmrl.rewards.model import RewardModelReward, is_reward_model_spec
 from llmrl.rollout import (
     Rollout,
     concat_rollouts,
@@ -70,8 +70,10 @@ from llmrl.trainers.common import (
     loss_scale,
     lr_schedule,
     make_accelerator,
+    reduce_metrics,
     replay_batches,
     to_device,
+    trainer_state,
 )
 from llmrl.trainers.critic import Critic
 from llmrl.trainers.guards import NonFiniteGuard, checkpoint_is_finite, norm_value, require_finite_for_save
@@ -83,6 +85,13 @@ from llmrl.trainers.tracking import RunLogger, append_jsonl, drop_rows_after
 logger = logging.getLogger(__name__)
 
 VALUE_MODEL_DIR = "value_model"  # PPO's critic, inside the output folder and each checkpoint
+
+
+def _as_list(reward_funcs) -> list:
+    """`reward_funcs=` as a list: TRL takes one function (or name) alone as well as a list."""
+    if reward_funcs is None:
+        return []
+    return [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
 
 
 class RLTrainer:
@@ -120,11 +129,7 @@ class RLTrainer:
         if self.reference is not None and not self.reference.shares_policy:
             to_device(self.reference.model, self.accelerator)  # a frozen copy: prepare() moves only the policy
         self.kl_coef = args.beta  # moved by the adaptive controller when kl_target is set
-        self.reward_funcs = resolve_reward_funcs([*args.reward_funcs, *(reward_funcs or [])])
-        if args.reward_model_name_or_path:  # the last reward, as reward_weights counts it
-            self.reward_funcs.append(("reward_model", RewardModelReward(
-                args.reward_model_name_or_path, model_config=model_config,
-                batch_size=args.per_device_train_batch_size, device=self.accelerator.device)))
+        self.reward_funcs = self._rewards([*args.reward_funcs, *_as_list(reward_funcs)], model_config)
         refuse_unsharded_copies(self.accelerator, [role for role, held in (
             ("frozen reference copy", self.reference is not None and not self.reference.shares_policy),
             ("reward model", args.reward_model_name_or_path is not None)) if held])
@@ -176,6 +181,21 @@ class RLTrainer:
         self.global_step = 0
         self.batches_consumed = 0  # prompt batches drawn so far: the data position a resume restores
 
+    def _rewards(self, specs: list, model_config) -> list[tuple[str, object]]:
+        """`(name, fn)` of each reward, in order: functions, built-in names, 'module:function', and
+        reward models, named in `reward_funcs` (a folder or hub id, as TRL accepts) or as
+        `reward_model_name_or_path` (the last reward, as reward_weights counts it)."""
+        def reward_model(path):
+            return RewardModelReward(path, model_config=model_config, batch_size=self.args.per_device_train_batch_size,
+                                     device=self.accelerator.device)
+
+        models = {i: reward_model(spec) for i, spec in enumerate(specs) if is_reward_model_spec(spec)}
+        functions = iter(resolve_reward_funcs([spec for i, spec in enumerate(specs) if i not in models]))
+        rewards = [(Path(str(specs[i])).name, models[i]) if i in models else next(functions) for i in range(len(specs))]
+        if self.args.reward_model_name_or_path:
+            rewards.append(("reward_model", reward_model(self.args.reward_model_name_or_path)))
+        return rewards
+
     def _total_steps(self) -> int:
         """Optimizer steps: max_steps, or epochs over the prompts (num_mini_batches x num_iterations each)."""
         if self.args.max_steps > 0:
@@ -191,9 +211,9 @@ class RLTrainer:
         the rows for completions.jsonl."""
         args = self.args
         prompts, completions, columns, result = score_rollout(rollout, batch, self.tokenizer, self.reward_funcs,
-                                                              args.reward_weights, args.num_generations)
+                                                              args.reward_weights, args.num_generations, self.state)
         total = result.total.to(rollout.completion_mask.device)
-        metrics = {}
+        metrics = dict(result.metrics)  # what the reward functions logged with log_metric
         if args.overlong_penalty_factor > 0:
             lengths = torch.where(rollout.truncated, args.max_completion_length + 1, rollout.completion_lengths)
             penalty = overlong_penalty(lengths, args.max_completion_length, args.overlong_buffer_len,
@@ -203,7 +223,7 @@ class RLTrainer:
         if args.missing_eos_penalty:
             total = total - args.missing_eos_penalty * rollout.truncated.float()
         samples = sample_rows(prompts, completions, columns, result,
-                              {"shaped_reward": total.tolist(), "truncated": rollout.truncated.tolist()})
+                              {**result.extra, "shaped_reward": total.tolist(), "truncated": rollout.truncated.tolist()})
         return total, result.rewards.to(total.device), metrics, samples
 
     def generate_and_score(self, batches) -> tuple[Rollout, torch.Tensor, dict]:
@@ -508,8 +528,7 @@ class RLTrainer:
             while self.global_step < self.max_steps:
                 before = self.global_step
                 metrics = self.step(batches)
-                metrics = {key: self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device),
-                                                        "mean").item() for key, value in metrics.items()}
+                metrics = reduce_metrics(self.accelerator, metrics)
                 self.logger.log(metrics, self.global_step)
                 if self._crosses(self.args.log_completions_steps, before) and self.accelerator.is_main_process:
                     append_jsonl(Path(self.args.output_dir) / "completions.jsonl",
@@ -528,6 +547,8 @@ class RLTrainer:
     def log_history(self) -> list[dict]:
         return self.logger.history if self.logger else []
 
+    state = property(trainer_state, doc="transformers' `TrainerState` of the run (`common.trainer_state`).")
+
     def evaluate(self, dataset=None) -> dict:
         """Score one completion per prompt of `dataset` (default: the eval dataset); logs and
         returns the metrics prefixed `eval/`."""
@@ -538,7 +559,7 @@ class RLTrainer:
             reward_weights=args.reward_weights, batch_size=args.per_device_eval_batch_size,
             max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
             do_sample=args.eval_do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            accelerator=self.accelerator)
+            accelerator=self.accelerator, trainer_state=self.state)
         if self.logger is None:
             return {f"eval/{key}": value for key, value in metrics.items()}
         record = self.logger.log(metrics, self.global_step, prefix="eval/")

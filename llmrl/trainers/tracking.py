@@ -95,7 +95,7 @@ class RunLogger:
         if prefix or step % max(1, self.args.logging_steps) == 0 or step >= self.total_steps:
             tqdm.write(json.dumps({key: _rounded(value) for key, value in record.items()}))
         if self.accelerator.log_with:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            self.accelerator.log({tracker_tag(k): v for k, v in record.items() if k != "step"}, step=step)
         return record
 
     def close(self):
@@ -104,6 +104,19 @@ class RunLogger:
         self.bar.close()
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+
+def tracker_tag(key: str) -> str:
+    """A record's key as TRL's trainers name it in trackers, so dashboards and comparisons line up:
+    training metrics under `train/`, a reward function's mean and std as `rewards/<name>/mean` and
+    `rewards/<name>/std`; `eval/` keys stay as they are. (Printed lines and `log_history` keep
+    llmrl's flat names.)"""
+    if key.startswith("eval/"):
+        return key
+    if key.startswith("rewards/"):
+        name = key[len("rewards/"):]
+        key = f"rewards/{name[:-4]}/std" if name.endswith("_std") else f"rewards/{name}/mean"
+    return f"train/{key}"
 
 
 def append_jsonl(path, rows: list[dict]) -> None:
