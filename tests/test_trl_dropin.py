@@ -140,3 +140,26 @@ def test_the_dpo_quickstart_with_implicit_prompt_text_pairs_and_max_length_alone
     trainer.train()
     assert trainer.state.global_step == 2 and len(trainer.state.log_history) == 2
     assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_checkpoint_folder_loads_with_from_pretrained(tiny_model_dir, tmp_path, lora):
+    """As TRL's (the HF Trainer's) checkpoints do: `from_pretrained("out/checkpoint-2")` is the
+    policy at step 2, the same as its plain copy in checkpoint-2/model/."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmrl.config import ModelConfig
+
+    def length(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), save_steps=2, learning_rate=1e-2, **TINY)
+    GRPOTrainer(model=tiny_model_dir, reward_funcs=length, args=args, train_dataset=prompts(),
+                model_config=ModelConfig(model_name_or_path=tiny_model_dir, use_peft=lora, lora_r=4)).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    ids = AutoTokenizer.from_pretrained(checkpoint)("1+1=", return_tensors="pt").input_ids
+    with torch.no_grad():
+        top, plain, start = (AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+                             for folder in (checkpoint, checkpoint / "model", tiny_model_dir))
+    assert torch.equal(top, plain) and (top - start).abs().max() > 1e-3

@@ -3,6 +3,9 @@
 `output_dir/checkpoint-<step>/` holds accelerate's state (model, optimizer, every process's RNG),
 `trainer_state.json` (step, data position and the LR schedules' states) and `model/`, a plain
 `save_pretrained` folder (full model or adapter, plus tokenizer) that loads with no llmrl import.
+The checkpoint folder itself loads with `from_pretrained` too, as the HF Trainer's checkpoints do
+(`make_loadable`): beside accelerate's weights are the model's config and tokenizer (or the
+adapter's files).
 Every save is written under a temporary name (`.tmp-checkpoint-<step>`, `.tmp-final`) and renamed
 when complete, so a crash mid-save never leaves a broken newest checkpoint or a truncated final
 model; the next run removes the leftover. A resume takes the newest checkpoint that is complete and
@@ -29,6 +32,8 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -221,12 +226,31 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, exports: di
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             write_exports(tmp, exports, tokenizer)
+            make_loadable(tmp, exports.get("model"), tokenizer)
             (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         publish_checkpoint(tmp, final, save_total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def make_loadable(folder: Path, policy, tokenizer) -> None:
+    """`from_pretrained(checkpoint folder)` loads the policy, as with TRL's and the HF Trainer's
+    checkpoints. A full model's weights are already there (accelerate's model.safetensors holds the
+    names save_pretrained writes), so only its config and tokenizer are added; an adapter's files
+    are written beside them (transformers and peft read those, not the full state). A sharded run
+    (FSDP, DeepSpeed) keeps its weights in its own format: its policy is in `model/` only."""
+    if policy is None:
+        return
+    export, state_dict = policy
+    if not isinstance(export, PreTrainedModel):  # an adapter (or a combination of them)
+        write_exports(folder, {".": policy}, tokenizer)
+    elif (folder / "model.safetensors").is_file():
+        export.config.save_pretrained(folder)
+        if export.generation_config is not None:
+            export.generation_config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 def publish_checkpoint(tmp: Path, final: Path, save_total_limit: int | None = None) -> None:
