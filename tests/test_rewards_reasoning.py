@@ -12,13 +12,13 @@ from llmrl.config import RLConfig
 from llmrl.recipe import load_recipe
 from llmrl.rewards import (
     REWARD_FUNCTIONS,
-    answers,
     make_accuracy_reward,
     make_cosine_length_reward,
     make_format_reward,
     make_integer_answer_reward,
     make_repetition_penalty_reward,
     make_xml_count_reward,
+    matching,
     resolve_reward_funcs,
     score_completions,
 )
@@ -115,9 +115,9 @@ def test_accuracy_percentages_as_configured(completion, answer, as_number, as_fr
 @pytest.fixture
 def math_verify():
     pytest.importorskip("math_verify")
-    answers.symbolic_equal.cache_clear()
+    matching.symbolic_equal.cache_clear()
     yield
-    answers.symbolic_equal.cache_clear()
+    matching.symbolic_equal.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -142,11 +142,11 @@ def test_accuracy_latex_by_mathematical_equivalence(math_verify, completion, ans
 
 @pytest.fixture
 def without_math_verify(monkeypatch):
-    answers.symbolic_equal.cache_clear()
-    monkeypatch.setattr(answers, "_math_verify_module", answers._MISSING)
-    monkeypatch.setattr(answers, "_warned_missing", False)
+    matching.symbolic_equal.cache_clear()
+    monkeypatch.setattr(matching, "_math_verify_module", matching._MISSING)
+    monkeypatch.setattr(matching, "_warned_missing", False)
     yield
-    answers.symbolic_equal.cache_clear()
+    matching.symbolic_equal.cache_clear()
 
 
 def test_without_math_verify_numbers_still_match(without_math_verify):

@@ -7,8 +7,9 @@ convention, so TRL's and open-r1's functions work here and ours work in TRL): ``
 of N, plus ``completion_ids`` and ``trainer_state``, which a function may ignore via ``**kwargs``.
 ``None`` means "not applicable to this row" (e.g. a row with no reference answer).
 
-- :mod:`.answers`: completion text, final-answer extraction and matching (numbers here, LaTeX by
-  the optional math-verify: ``pip install 'llmrl[math]'``).
+- :mod:`.answers`: completion text, final-answer extraction, one answer's value and unit.
+- :mod:`.matching`: answer against reference (one value, a set or a tuple; numbers here, LaTeX by
+  the optional math-verify: ``pip install 'llmrl[math]'``); an unreadable reference gives None.
 - :mod:`.reasoning`: the ``make_*_reward`` factories of the reasoning rewards: accuracy, the
   ``<think>``/``<answer>`` format family (format_strict, format_soft, xml_count, integer_answer)
   and shaping (cosine_length, repetition_penalty).
@@ -21,12 +22,10 @@ of N, plus ``completion_ids`` and ``trainer_state``, which a function may ignore
 from .answers import (
     ANSWER_MODES,
     PERCENT_MODES,
-    answers_match,
     completion_text,
     extract_answer,
     parse_number,
     reference_answer,
-    symbolic_equal,
 )
 from .builtins import (
     REWARD_FUNCTIONS,
@@ -35,6 +34,7 @@ from .builtins import (
     resolve_reward_func,
     resolve_reward_funcs,
 )
+from .matching import answers_match, symbolic_equal
 from .reasoning import (
     REASONING_SYSTEM_PROMPT,
     make_accuracy_reward,

@@ -1,8 +1,9 @@
 """The registry of built-in reward functions, and the resolution of recipe entries to functions.
 
 Every built-in has TRL's signature ``fn(prompts, completions, **kwargs) -> list[float | None]``
-and reads completions through :func:`completion_text`, so strings and chat messages both work. The
-reasoning rewards' factories live in :mod:`.reasoning`; the plain length reward lives here.
+and reads completions through :func:`completion_text`, so strings and chat messages both work. Each is
+an instance of a module-level class, so it pickles (a process pool, TRL's async reward worker). The
+reasoning rewards live in :mod:`.reasoning`; the plain length reward lives here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from llmrl.config import closest_name
 
 from .answers import completion_text
 from .reasoning import (
+    BuiltinReward,
     RewardFunc,
     make_accuracy_reward,
     make_cosine_length_reward,
@@ -26,15 +28,15 @@ from .reasoning import (
 
 def _builtin(name: str, factory: Callable[..., RewardFunc], **settings) -> RewardFunc:
     """`factory(**settings)` named `name` (TRL logs a function under its __name__) and documented by
-    its factory, so ``help(REWARD_FUNCTIONS[name])`` shows what it computes and how to configure it."""
+    its factory, so ``REWARD_FUNCTIONS[name].__doc__`` says what it computes and how to configure it."""
     fn = factory(**settings)
-    fn.__name__ = fn.__qualname__ = name
+    fn.__name__ = name
     given = ", ".join(f"{key}={value!r}" for key, value in settings.items())
     fn.__doc__ = f"The built-in reward {name!r}: {factory.__name__}({given}).\n\n{factory.__doc__}"
     return fn
 
 
-def make_length_reward(target: int | None = None) -> RewardFunc:
+class LengthReward(BuiltinReward):
     """A reward for length in characters: shortness, or closeness to a `target` length.
 
     ``make_length_reward(100)(["q"], ["x" * 150]) == [-0.5]``. With a target: ``-|len - target| /
@@ -42,16 +44,21 @@ def make_length_reward(target: int | None = None) -> RewardFunc:
     per thousand characters), TRL's length-penalty example. Characters, not tokens, so the reward
     means the same under any tokenizer.
     """
-    if target is not None and target <= 0:
-        raise ValueError(f"make_length_reward target must be a positive number of characters, got {target}.")
 
-    def length(prompts, completions, **kwargs) -> list[float]:
+    def __init__(self, target: int | None = None):
+        if target is not None and target <= 0:
+            raise ValueError(f"make_length_reward target must be a positive number of characters, got {target}.")
+        self.target = target
+        self.__name__ = "length"
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
         lengths = [len(completion_text(c)) for c in completions]
-        if target is None:
+        if self.target is None:
             return [-n / 1000 for n in lengths]
-        return [-abs(n - target) / target for n in lengths]
+        return [-abs(n - self.target) / self.target for n in lengths]
 
-    return length
+
+make_length_reward = LengthReward
 
 
 # Each built-in with its factory's defaults; a configured variant comes from the factory, e.g. in a
