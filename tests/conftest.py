@@ -55,3 +55,26 @@ def sharp_model_dir(tiny_model_dir, tmp_path_factory) -> str:
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def math_verify():
+    """The LaTeX path, with math-verify installed (skipped without it) and a cold cache."""
+    from llmrl.rewards import matching
+
+    pytest.importorskip("math_verify")
+    matching.symbolic_equal.cache_clear()
+    yield
+    matching.symbolic_equal.cache_clear()
+
+
+@pytest.fixture
+def without_math_verify(monkeypatch):
+    """Answer checking as on a machine without math-verify."""
+    from llmrl.rewards import matching
+
+    matching.symbolic_equal.cache_clear()
+    monkeypatch.setattr(matching, "_math_verify_module", matching._MISSING)
+    monkeypatch.setattr(matching, "_warned_missing", False)
+    yield
+    matching.symbolic_equal.cache_clear()

@@ -33,7 +33,6 @@ from llmrl.rewards import (
     make_length_reward,
     make_repetition_penalty_reward,
     make_xml_count_reward,
-    matching,
     reference_answer,
     resolve_reward_funcs,
     score_completions,
@@ -50,23 +49,6 @@ def score(completion, answer, fn=accuracy, **columns) -> float | None:
                  completions=[[{"role": "assistant", "content": completion}]], answer=[answer], **columns)[0]
     assert as_text == as_chat, (as_text, as_chat)
     return as_text
-
-
-@pytest.fixture
-def math_verify():
-    pytest.importorskip("math_verify")
-    matching.symbolic_equal.cache_clear()
-    yield
-    matching.symbolic_equal.cache_clear()
-
-
-@pytest.fixture
-def without_math_verify(monkeypatch):
-    matching.symbolic_equal.cache_clear()
-    monkeypatch.setattr(matching, "_math_verify_module", matching._MISSING)
-    monkeypatch.setattr(matching, "_warned_missing", False)
-    yield
-    matching.symbolic_equal.cache_clear()
 
 
 def case(completion, answer, expected, id):

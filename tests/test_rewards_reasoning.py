@@ -18,7 +18,6 @@ from llmrl.rewards import (
     make_integer_answer_reward,
     make_repetition_penalty_reward,
     make_xml_count_reward,
-    matching,
     resolve_reward_funcs,
     score_completions,
 )
@@ -112,14 +111,6 @@ def test_accuracy_percentages_as_configured(completion, answer, as_number, as_fr
 # ---- accuracy: LaTeX by math-verify --------------------
 
 
-@pytest.fixture
-def math_verify():
-    pytest.importorskip("math_verify")
-    matching.symbolic_equal.cache_clear()
-    yield
-    matching.symbolic_equal.cache_clear()
-
-
 @pytest.mark.parametrize(
     "completion, answer, expected",
     [
@@ -138,15 +129,6 @@ def math_verify():
 )
 def test_accuracy_latex_by_mathematical_equivalence(math_verify, completion, answer, expected):
     assert both_forms(REWARD_FUNCTIONS["accuracy"], completion, answer=[answer]) == expected
-
-
-@pytest.fixture
-def without_math_verify(monkeypatch):
-    matching.symbolic_equal.cache_clear()
-    monkeypatch.setattr(matching, "_math_verify_module", matching._MISSING)
-    monkeypatch.setattr(matching, "_warned_missing", False)
-    yield
-    matching.symbolic_equal.cache_clear()
 
 
 def test_without_math_verify_numbers_still_match(without_math_verify):
