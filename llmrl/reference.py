@@ -33,9 +33,12 @@ class ReferenceModel:
     the KL term of the loss later, and inference tensors cannot be saved for backward.
     """
 
-    def __init__(self, model, *, shares_policy: bool):
+    def __init__(self, model, *, shares_policy: bool, autocast=contextlib.nullcontext):
         self.model = model
         self.shares_policy = shares_policy
+        # The run's autocast (`accelerator.autocast`), so that under mixed precision the reference
+        # computes exactly as the policy (prepared, hence autocast) does: a frozen copy is not prepared.
+        self.autocast = autocast
 
     @property
     def config(self):
@@ -49,7 +52,7 @@ class ReferenceModel:
         was_training = self.model.training
         self.model.eval()  # no dropout: the reference must be deterministic
         try:
-            with torch.no_grad(), adapter_off:
+            with torch.no_grad(), adapter_off, self.autocast():
                 return self.model(**inputs)
         finally:
             self.model.train(was_training)

@@ -56,8 +56,10 @@ def recipe(tmp_path, **values):
     ({"model_init_kwargs": {"torch_dtype": "bfloat16", "attn_implementation": "eager"}},
      {"dtype": "bfloat16", "attn_implementation": "eager"}),
     ({"activation_checkpointing": True}, {"gradient_checkpointing": True}),
+    ({"bf16": True}, {"mixed_precision": "bf16"}),
+    ({"bf16": False}, {"mixed_precision": None}),  # TRL's "if the machine supports it": the launcher says
     # TRL's defaults and "off" values change nothing, so a recipe listing them runs.
-    ({"bf16": False, "fp16": False, "use_vllm": False, "push_to_hub": False, "optim": "adamw_torch_fused",
+    ({"tf32": None, "fp16": False, "use_vllm": False, "push_to_hub": False, "optim": "adamw_torch_fused",
       "importance_sampling_level": "token", "mask_truncated_completions": False, "min_p": None,
       "repetition_penalty": 1.0, "disable_dropout": True, "use_cpu": False, "chat_template_kwargs": None}, {}),
 ], ids=lambda value: ",".join(value) if isinstance(value, dict) else None)
@@ -67,18 +69,19 @@ def test_a_trl_recipe_field_becomes_llmrls(tmp_path, trl, ours):
 
 
 def test_the_same_names_work_as_flags(tmp_path):
-    resolved = load_recipe(recipe(tmp_path), ["--loss_type", "grpo", "--bf16", "false", "--save_strategy=no"]).to_dict()
+    resolved = load_recipe(recipe(tmp_path), ["--loss_type", "grpo", "--bf16", "true", "--save_strategy=no"]).to_dict()
     assert resolved["loss_agg_mode"] == "seq_mean_token_mean" and resolved["save_steps"] == 0
+    assert resolved["mixed_precision"] == "bf16"
 
 
 def test_every_refused_or_unknown_field_is_reported_at_once(tmp_path):
-    path = recipe(tmp_path, bf16=True, use_vllm=True, importance_sampling_level="sequence", loss_type="cispo",
+    path = recipe(tmp_path, torch_compile=True, use_vllm=True, importance_sampling_level="sequence", loss_type="cispo",
                   lerning_rate=1e-3)
     with pytest.raises(RecipeError) as error:
         load_recipe(path, ["--optim", "sgd", "--num_generatons", "4"])
     message = str(error.value)
     assert "\n" not in message and "7 fields llmrl cannot take" in message
-    for part in ["bf16=True (TRL's GRPOConfig): precision follows the model's `dtype`",
+    for part in ["torch_compile=True (TRL's GRPOConfig): llmrl does not compile the model",
                  "use_vllm=True (TRL's GRPOConfig): generation is llmrl's own",
                  "importance_sampling_level='sequence'", "loss_type: llmrl takes ['bnpo', 'dapo', 'dr_grpo', 'grpo']",
                  "'lerning_rate'", "Did you mean 'learning_rate'", "optim='sgd'", "torch.optim.AdamW",
@@ -87,12 +90,14 @@ def test_every_refused_or_unknown_field_is_reported_at_once(tmp_path):
 
 
 def test_a_constructor_takes_trl_names_and_reports_every_problem():
-    config = RLConfig(loss_type="dapo", bf16=False, scale_rewards=True, steps_per_generation=2)
-    assert (config.loss_agg_mode, config.scale_rewards, config.num_mini_batches) == ("token_mean", "group", 2)
+    config = RLConfig(loss_type="dapo", bf16=True, scale_rewards=True, steps_per_generation=2)
+    assert (config.loss_agg_mode, config.mixed_precision, config.scale_rewards, config.num_mini_batches) == (
+        "token_mean", "bf16", "group", 2)
     with pytest.raises(TRLFieldError) as error:
-        RLConfig(bf16=True, use_vllm=True, lora_r=8, learnig_rate=1e-3)
+        RLConfig(bf16=True, fp16=True, use_vllm=True, lora_r=8, learnig_rate=1e-3)
     message = str(error.value)
-    assert message.startswith("RLConfig(...): 4 fields llmrl cannot take as given")
+    assert message.startswith("RLConfig(...): 5 fields llmrl cannot take as given")
+    assert "bf16: bf16 and fp16 are both true; choose one" in message
     assert "lora_r is a ModelConfig field: pass ModelConfig(lora_r=...)" in message
     assert "did you mean 'learning_rate'?" in message
     assert DPOConfig(loss_type="ipo").loss_type == "ipo", "DPO's loss_type is llmrl's own"
@@ -111,3 +116,56 @@ def test_a_recipe_with_trls_field_names_trains(tiny_model_dir, tmp_path):
     history = train(load_recipe(path))
     assert [h["step"] for h in history] == [2], "steps_per_generation 2: one rollout, two optimizer steps"
     assert (tmp_path / "out" / "completions.jsonl").is_file() and not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+BF16_RUN = """
+import json, sys
+import datasets, torch
+from llmrl import RLTrainer
+from llmrl.config import RLConfig
+
+def length(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+args = RLConfig(output_dir=sys.argv[2], bf16=True, beta=0.04, num_generations=4, per_device_train_batch_size=8,
+                max_completion_length=6, max_steps=2, report_to="none", disable_tqdm=True, logging_steps=1)
+trainer = RLTrainer(sys.argv[1], args, datasets.Dataset.from_list([{"prompt": f"{i}+{i}="} for i in range(16)]),
+                    reward_funcs=length)
+dtypes = set()
+policy = trainer.accelerator.unwrap_model(trainer.model)
+policy.lm_head.register_forward_hook(lambda module, inputs, output: dtypes.add(str(output.dtype)))
+history = trainer.train()
+print(json.dumps({"mixed_precision": trainer.accelerator.mixed_precision, "dtypes": sorted(dtypes),
+                  "weights": str(next(policy.parameters()).dtype), "kl": history[0]["kl"],
+                  "ratio_max": history[0]["ratio_max"]}))
+"""
+
+
+def test_bf16_autocasts_every_forward_and_the_reference_with_it(tiny_model_dir, tmp_path):
+    """TRL's bf16: true is autocast over float32 weights. The policy's forwards run in bfloat16,
+    and so does the frozen reference copy: the first step's KL is exactly 0, as in float32. (In a
+    process of its own: accelerate keeps one precision per process.)"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", BF16_RUN, tiny_model_dir, str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.loads(result.stdout.strip().splitlines()[-1])
+    assert run == {"mixed_precision": "bf16", "dtypes": ["torch.bfloat16"], "weights": "torch.float32", "kl": 0.0,
+                   "ratio_max": 1.0}
+
+
+def test_fp16_without_cuda_is_one_line(tmp_path):
+    from llmrl.trainers.launch import make_accelerator
+
+    if torch_has_cuda():
+        pytest.skip("this machine has CUDA, where fp16 autocast runs")
+    with pytest.raises(RecipeError, match=r"mixed_precision: fp16 \(TRL's fp16: true\) needs a CUDA GPU"):
+        make_accelerator(RLConfig(output_dir=str(tmp_path), fp16=True))
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -52,6 +52,7 @@ def check_choice(owner: str, name: str, value, valid) -> None:
 # --------------------------------------------------------------------------------------------
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -207,6 +208,12 @@ class TrainConfig:
     )
     logging_dir: str | None = field(default=None, metadata=_help("Tracker log folder; defaults to output_dir/runs."))
     disable_tqdm: bool = field(default=False, metadata=_help("Hide the progress bar."))
+    mixed_precision: str | None = field(
+        default=None,
+        metadata=_help("Autocast the forward passes: bf16, fp16 (CUDA only) or no, over float32 weights (TRL's "
+                       "bf16/fp16: true); None = as `accelerate launch --mixed_precision` says.",
+                       choices=list(MIXED_PRECISIONS)),
+    )
 
     def __post_init__(self):
         if isinstance(self.report_to, str):
@@ -214,6 +221,8 @@ class TrainConfig:
         for tracker in self.report_to:
             check_choice(self.algorithm, "report_to", tracker, TRACKERS)
         check_choice(self.algorithm, "lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        if self.mixed_precision is not None:
+            check_choice(self.algorithm, "mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")

@@ -89,6 +89,19 @@ def _model_init_kwargs(value, values):
     return {MODEL_INIT_KEYS[key]: (str(v).replace("torch.", "") if "dtype" in key else v) for key, v in value.items()}
 
 
+def _precision(name: str):
+    """bf16 / fp16: true -> `mixed_precision` (autocast over float32 weights, TRL's meaning); false
+    leaves it to the launcher (TRL's bf16 default is None: "if the machine supports it")."""
+    def convert(value, values):
+        if not value:
+            return {}
+        other = "fp16" if name == "bf16" else "bf16"
+        if values.get(other):
+            return "bf16 and fp16 are both true; choose one"
+        return {"mixed_precision": name}
+    return convert
+
+
 def _assistant_only_loss(value, values):
     if not value:
         return {}
@@ -106,6 +119,8 @@ RENAMED: dict[str, Renamed] = {
     "steps_per_generation": Renamed(_steps_per_generation,
                                     "`num_mini_batches` = steps_per_generation / gradient_accumulation_steps"),
     "delta": Renamed(_to("dual_clip"), "`dual_clip`: the ratio of a negative-advantage token is capped at delta"),
+    "bf16": Renamed(_precision("bf16"), "`mixed_precision: bf16` (autocast over float32 weights) when true"),
+    "fp16": Renamed(_precision("fp16"), "`mixed_precision: fp16` (CUDA only) when true"),
     "activation_checkpointing": Renamed(_to("gradient_checkpointing"), "`gradient_checkpointing` (a model field)"),
     "save_strategy": Renamed(_strategy("save_steps"), '"no" -> `save_steps: 0`; "steps" -> `save_steps`', wins=True),
     "eval_strategy": Renamed(_strategy("eval_steps"), '"no" -> `eval_steps: 0`; "steps" -> `eval_steps`', wins=True),
@@ -123,8 +138,8 @@ LAUNCHER = ("processes, sharding and the backend come from the launcher: `accele
             "recipes/accelerate/fsdp2.yaml -m llmrl train ...` (or ddp, zero2, zero3)")
 VLLM = "generation is llmrl's own KV-cache loop, exactly on-policy; the vLLM engine is not there yet"
 HUB = "llmrl writes output_dir only; upload it with `hf upload <repo> <output_dir>`"
-PRECISION = ("precision follows the model's `dtype` (bfloat16 loads bf16 weights, auto picks it on a GPU); bf16 "
-             "autocast comes from `accelerate launch --mixed_precision bf16`")
+PRECISION = ("precision is the model's `dtype` (bfloat16 loads bf16 weights, auto picks it on a GPU) and "
+             "`mixed_precision` (bf16 or fp16 autocast of every forward pass)")
 OPTIMIZER = ("llmrl trains with torch.optim.AdamW (`learning_rate`, `adam_beta1`, `adam_beta2`, `adam_epsilon`, "
              "`weight_decay`) on the `lr_scheduler_type` schedule")
 LOADER = "llmrl's loaders run in the training process and keep every column (reward functions read them)"
@@ -137,7 +152,7 @@ NOT_HERE = "llmrl has no such setting"
 
 # By name, then by prefix (the first that matches); accepted while TRL's default or "off".
 REFUSED: dict[str, str] = {
-    **dict.fromkeys(("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "cast_lm_head_to_fp32"), PRECISION),
+    **dict.fromkeys(("tf32", "bf16_full_eval", "fp16_full_eval", "cast_lm_head_to_fp32"), PRECISION),
     **dict.fromkeys(("deepspeed", "fsdp", "fsdp_config", "accelerator_config", "parallelism_config", "local_rank",
                      "use_cpu", "ds3_gather_for_generation", "average_tokens_across_devices"), LAUNCHER),
     **dict.fromkeys(("use_vllm", "use_transformers_paged", "use_transformers_continuous_batching",

@@ -76,6 +76,8 @@ class DPOTrainer(OfflineTrainer):
             self.reference = ReferenceModel(frozen.eval().requires_grad_(False), shares_policy=False)
         else:
             self.reference = build_reference(policy, model_config, needed=not args.precompute_ref_log_probs)
+        if self.reference is not None:
+            self.reference.autocast = accelerator.autocast  # as the prepared policy computes
         refuse_unsharded_copies(accelerator, ["frozen reference"] if self.reference is not None
                                 and not self.reference.shares_policy else [])
         self._own_reference = ref_model is None

@@ -36,6 +36,7 @@ from llmrl.trainers.checkpoint import (
     resolve_resume,
     save_final,
 )
+from llmrl.trainers.launch import checked_precision
 from llmrl.trainers.signals import RunInterrupted, StopOnSignal
 from llmrl.trainers.tracking import logging_dir, tracker_names
 
@@ -46,12 +47,14 @@ def training_arguments(args: TrainConfig, model_config: ModelConfig, hf_class, *
     optimisation, batching, logging and checkpoint settings; `fields` are the trainer's own
     (max_length, packing, ...). Without eval data, `eval_steps` is ignored (as in `RLTrainer`).
 
-    Precision follows the model: bf16 autocast when the weights load as bfloat16 on a CUDA GPU,
-    float32 otherwise; without CUDA the run is forced onto the CPU (`use_cpu`), where there is no
-    bf16 autocast. `eval_steps: 0` and `save_steps: 0` turn periodic evaluation and checkpoints off
+    Precision: `mixed_precision` when set (bf16 autocasts on the CPU too; fp16 needs CUDA), else
+    bf16 autocast when the weights load as bfloat16 on a CUDA GPU, float32 otherwise; without CUDA
+    the run is forced onto the CPU (`use_cpu`). `eval_steps: 0` and `save_steps: 0` turn periodic evaluation and checkpoints off
     (`HFRunMixin.train` evaluates once at the end and always saves the final model).
     """
     on_gpu = torch.cuda.is_available()
+    if args.mixed_precision is not None:
+        checked_precision(args.mixed_precision)
     # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (old name deprecated).
     renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(hf_class)}
     checkpointing = "activation_checkpointing" if renamed else "gradient_checkpointing"
@@ -83,8 +86,9 @@ def training_arguments(args: TrainConfig, model_config: ModelConfig, hf_class, *
         report_to=tracker_names(args.report_to) or "none",
         disable_tqdm=args.disable_tqdm,
         use_cpu=not on_gpu,
-        bf16=on_gpu and resolve_dtype(model_config.dtype) == torch.bfloat16,
-        fp16=False,
+        bf16=args.mixed_precision == "bf16" or (args.mixed_precision is None and on_gpu
+                                                 and resolve_dtype(model_config.dtype) == torch.bfloat16),
+        fp16=args.mixed_precision == "fp16",
         **{checkpointing: model_config.gradient_checkpointing,
            # The reentrant variant breaks with frozen inputs (LoRA) and DDP; models.load_policy agrees.
            f"{checkpointing}_kwargs": {"use_reentrant": False}},

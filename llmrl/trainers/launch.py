@@ -31,6 +31,8 @@ from accelerate.utils import (
     InitProcessGroupKwargs,
 )
 
+from llmrl.recipe import RecipeError
+
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
@@ -137,8 +139,9 @@ def _fill_deepspeed_config(accelerator: Accelerator, args) -> None:
 
 def make_accelerator(args=None, **kwargs) -> Accelerator:
     """The run's Accelerator; with a trainer config `args`, its `report_to` trackers write to
-    `logging_dir` (default output_dir/runs), and it accumulates `gradient_accumulation_steps`
-    micro-batches per optimizer step.
+    `logging_dir` (default output_dir/runs), it accumulates `gradient_accumulation_steps`
+    micro-batches per optimizer step, and autocasts as `mixed_precision` says (when set; else as
+    the launcher says).
 
     Accumulation goes through accelerate's own contract (`accumulate()` sets `sync_gradients` on
     the last micro-batch of each step only), because each backend acts on it: DDP and FSDP skip
@@ -155,6 +158,8 @@ def make_accelerator(args=None, **kwargs) -> Accelerator:
             kwargs.setdefault("project_dir", logging_dir(args))
         kwargs.setdefault("gradient_accumulation_plugin", GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False))
+        if getattr(args, "mixed_precision", None) is not None:
+            kwargs.setdefault("mixed_precision", checked_precision(args.mixed_precision))
     accelerator = _cpu_accelerator(kwargs) if _cpu_processes() else Accelerator(**kwargs)
     asked = requested_backend()
     if asked is not None and accelerator.distributed_type != asked:
@@ -164,6 +169,14 @@ def make_accelerator(args=None, **kwargs) -> Accelerator:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _fill_deepspeed_config(accelerator, args)
     return accelerator
+
+
+def checked_precision(mixed_precision: str) -> str:
+    """fp16 autocast needs CUDA (torch has no fp16 autocast on the CPU, accelerate would fail later)."""
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("mixed_precision: fp16 (TRL's fp16: true) needs a CUDA GPU and none is visible; use bf16, "
+                         "which the CPU autocasts too, or no.")
+    return mixed_precision
 
 
 def gathered_state_dict(accelerator: Accelerator, model) -> dict | None:

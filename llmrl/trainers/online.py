@@ -126,6 +126,8 @@ class RLTrainer:
                              peft_config) if args.advantage_estimator == "gae" else None
         policy = load_policy(model_config, model=model, peft_config=peft_config)
         self.reference = build_reference(policy, model_config, needed=args.uses_kl)
+        if self.reference is not None:
+            self.reference.autocast = self.accelerator.autocast  # as the prepared policy computes
         if self.reference is not None and not self.reference.shares_policy:
             to_device(self.reference.model, self.accelerator)  # a frozen copy: prepare() moves only the policy
         self.kl_coef = args.beta  # moved by the adaptive controller when kl_target is set
