@@ -163,3 +163,14 @@ def test_a_checkpoint_folder_loads_with_from_pretrained(tiny_model_dir, tmp_path
         top, plain, start = (AutoModelForCausalLM.from_pretrained(folder)(ids).logits
                              for folder in (checkpoint, checkpoint / "model", tiny_model_dir))
     assert torch.equal(top, plain) and (top - start).abs().max() > 1e-3
+
+
+def test_train_returns_the_history_which_also_answers_as_trls_train_output(tiny_model_dir, tmp_path):
+    def length(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), **TINY)
+    result = GRPOTrainer(model=tiny_model_dir, reward_funcs=length, args=args, train_dataset=prompts()).train()
+    assert [record["step"] for record in result] == [1, 2], "still llmrl's list of records"
+    assert result.global_step == 2 and result.metrics == result[-1]
+    assert result.training_loss == pytest.approx((result[0]["loss"] + result[1]["loss"]) / 2)

@@ -81,3 +81,17 @@ def trainer_state(trainer):
                         log_history=trainer.log_history, train_batch_size=trainer.args.per_device_train_batch_size,
                         is_world_process_zero=trainer.accelerator.is_main_process,
                         is_local_process_zero=trainer.accelerator.is_local_main_process)
+
+
+class TrainResult(list):
+    """What `train()` returns: the log history (a list of records, train and eval), which also
+    answers as TRL's `TrainOutput` does: `global_step`, `training_loss` (the mean of the logged
+    losses) and `metrics` (the last record)."""
+
+    def __init__(self, history: list[dict], global_step: int, training_loss: float | None = None):
+        super().__init__(history)
+        self.global_step = global_step
+        losses = [record["loss"] for record in history if "loss" in record]
+        self.training_loss = training_loss if training_loss is not None else (
+            sum(losses) / len(losses) if losses else math.nan)
+        self.metrics = dict(history[-1]) if history else {}

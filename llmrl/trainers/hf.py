@@ -36,6 +36,7 @@ from llmrl.trainers.checkpoint import (
     resolve_resume,
     save_final,
 )
+from llmrl.trainers.common import TrainResult
 from llmrl.trainers.launch import checked_precision
 from llmrl.trainers.signals import RunInterrupted, StopOnSignal
 from llmrl.trainers.tracking import logging_dir, tracker_names
@@ -112,8 +113,9 @@ class HFRunMixin:
             if isinstance(callback, TensorBoardCallback):
                 callback.logging_dir = logging_dir(self.train_config)
 
-    def train(self, resume_from_checkpoint=None, **kwargs) -> list[dict]:
-        """Train; returns `trainer.state.log_history` (train records, then `eval_*` records).
+    def train(self, resume_from_checkpoint=None, **kwargs) -> TrainResult:
+        """Train; returns `trainer.state.log_history` (train records, then `eval_*` records), with
+        TRL's `TrainOutput` attributes (`TrainResult`).
 
         `resume_from_checkpoint` None means "as the config says"; True or a path as in
         `transformers.Trainer.train`. A SIGINT/SIGTERM ends the run after the current step with a
@@ -127,7 +129,7 @@ class HFRunMixin:
             on_signal = _StopAndSave(self, stop)
             self.add_callback(on_signal)
             try:
-                super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+                output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
             finally:
                 self.remove_callback(on_signal)
         if on_signal.signum:
@@ -140,7 +142,7 @@ class HFRunMixin:
             self.evaluate()
         # Every process saves (a sharded model gathers); the main process writes the files.
         save_final(self.accelerator, self.args.output_dir, self.save_model, main_only=False)
-        return self.state.log_history
+        return TrainResult(self.state.log_history, self.state.global_step, output.training_loss)
 
     _staging: str | None = None
 

@@ -22,7 +22,15 @@ from torch.utils.data import DataLoader
 
 from llmrl.adapters import policy_export
 from llmrl.trainers.checkpoint import claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, save_final, write_exports
-from llmrl.trainers.common import adamw, gathered_state_dict, loss_scale, lr_schedule, replay_batches, trainer_state
+from llmrl.trainers.common import (
+    TrainResult,
+    adamw,
+    gathered_state_dict,
+    loss_scale,
+    lr_schedule,
+    replay_batches,
+    trainer_state,
+)
 from llmrl.trainers.guards import NonFiniteGuard, checkpoint_is_finite, norm_value, require_finite_for_save
 from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.tracking import RunLogger
@@ -99,7 +107,7 @@ class OfflineTrainer:
     def _due(self, every: int) -> bool:
         return every > 0 and self.global_step % every == 0
 
-    def train(self) -> list[dict]:
+    def train(self) -> TrainResult:
         """Train to `max_steps`; returns the log history (train and `eval/` records)."""
         args, skip = self.args, 0
         claim_output_dir(args, self.accelerator)
@@ -123,7 +131,7 @@ class OfflineTrainer:
             self.evaluate()
         self.logger.close()
         self.save_model(args.output_dir)
-        return self.log_history
+        return TrainResult(self.log_history, self.global_step)
 
     @property
     def log_history(self) -> list[dict]:

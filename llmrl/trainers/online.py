@@ -65,6 +65,7 @@ from llmrl.trainers.checkpoint import (
     write_exports,
 )
 from llmrl.trainers.common import (
+    TrainResult,
     adamw,
     gathered_state_dict,
     loss_scale,
@@ -511,7 +512,7 @@ class RLTrainer:
         """Did the last rollout's updates (steps before+1 .. global_step) reach a multiple of `every`?"""
         return every > 0 and self.global_step // every > before // every
 
-    def train(self):
+    def train(self) -> TrainResult:
         """Train to `max_steps`; returns the log history (train and `eval/` records)."""
         skip = 0
         claim_output_dir(self.args, self.accelerator)
@@ -543,7 +544,7 @@ class RLTrainer:
             self.evaluate()
         self.logger.close()
         self.save_model(self.args.output_dir)
-        return self.log_history
+        return TrainResult(self.log_history, self.global_step)
 
     @property
     def log_history(self) -> list[dict]:
