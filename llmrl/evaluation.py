@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmrl.data import PROMPT_COLUMNS, PromptCollator, require_columns
+from llmrl.generation.engine import SamplingParams, TransformersEngine
 from llmrl.rewards import RewardResult, score_completions
-from llmrl.rollout import Rollout, generate_completions, stop_token_ids
+from llmrl.rollout import Rollout, stop_token_ids
 
 
 def score_rollout(rollout: Rollout, batch: dict, tokenizer, reward_funcs, reward_weights=None,
@@ -68,7 +69,10 @@ def evaluate_policy(model, tokenizer, dataset, reward_funcs, *, reward_weights=N
     distributed = accelerator is not None and accelerator.num_processes > 1
     shard = dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True) if distributed else dataset
     device = next(model.parameters()).device
-    stop_ids = stop_token_ids(model, tokenizer)
+    engine = TransformersEngine(model)
+    params = SamplingParams(max_tokens=max_completion_length, stop_token_ids=tuple(stop_token_ids(model, tokenizer)),
+                            pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k,
+                            do_sample=do_sample)
     loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate)
     # Decoding is collective (every process steps until all rows everywhere are done), so every
     # process runs as many batches as the largest shard: a shorter shard decodes a stand-in
@@ -86,11 +90,8 @@ def evaluate_policy(model, tokenizer, dataset, reward_funcs, *, reward_weights=N
         stand_in = batch is None
         if stand_in:
             batch = collate([dataset[0]])
-        rollout = generate_completions(
-            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), num_generations=1,
-            max_completion_length=max_completion_length, eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k,
-            do_sample=do_sample).to("cpu")
+        on_device = {**batch, "input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        rollout = engine.generate(on_device, 1, params).to("cpu")
         if stand_in:
             continue
         prompts, completions, columns, result = score_rollout(rollout, batch, tokenizer, reward_funcs, reward_weights,

@@ -86,3 +86,28 @@ class RewardModelReward:
             ids, mask = pad(encoded[i:i + self.batch_size], self.tokenizer.pad_token_id, side="left")
             scores += reward_scores(self.model, ids.to(device), mask.to(device)).tolist()
         return scores
+
+
+def as_list(reward_funcs) -> list:
+    """`reward_funcs=` as a list: TRL takes one function (or name) alone as well as a list."""
+    if reward_funcs is None:
+        return []
+    return [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
+
+
+def resolve_rewards(specs: list, reward_model_name_or_path=None, *, model_config=None, batch_size: int = 16,
+                    device=None) -> list[tuple[str, object]]:
+    """`(name, fn)` of each reward, in order: functions, built-in names, 'module:function', and
+    reward models, named in `reward_funcs` (a folder or hub id, as TRL accepts; named by the
+    folder) or as `reward_model_name_or_path` (the last reward, as reward_weights counts it)."""
+    from .builtins import resolve_reward_funcs
+
+    def reward_model(path):
+        return RewardModelReward(path, model_config=model_config, batch_size=batch_size, device=device)
+
+    models = {i: reward_model(spec) for i, spec in enumerate(specs) if is_reward_model_spec(spec)}
+    functions = iter(resolve_reward_funcs([spec for i, spec in enumerate(specs) if i not in models]))
+    rewards = [(Path(str(specs[i])).name, models[i]) if i in models else next(functions) for i in range(len(specs))]
+    if reward_model_name_or_path:
+        rewards.append(("reward_model", reward_model(reward_model_name_or_path)))
+    return rewards

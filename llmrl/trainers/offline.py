@@ -15,28 +15,24 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from llmrl.adapters import policy_export
-from llmrl.trainers.checkpoint import claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, save_final, write_exports
 from llmrl.trainers.common import (
     TrainResult,
     adamw,
-    gathered_state_dict,
     loss_scale,
     lr_schedule,
     replay_batches,
-    trainer_state,
 )
-from llmrl.trainers.guards import NonFiniteGuard, checkpoint_is_finite, norm_value, require_finite_for_save
+from llmrl.trainers.guards import NonFiniteGuard, norm_value
+from llmrl.trainers.saving import SavedRun
 from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.tracking import RunLogger
 
 
-class OfflineTrainer:
+class OfflineTrainer(SavedRun):
     """Trains `model` on `train_dataset` (already tokenized) with the loss of `compute_loss`.
 
     Subclasses build the accelerator, model and datasets, then call this `__init__`, and define
@@ -109,14 +105,9 @@ class OfflineTrainer:
 
     def train(self) -> TrainResult:
         """Train to `max_steps`; returns the log history (train and `eval/` records)."""
-        args, skip = self.args, 0
-        claim_output_dir(args, self.accelerator)
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        if resume is not None:
-            state = load_checkpoint(self.accelerator, resume, [self.scheduler])
-            self.global_step, skip = state["step"], state["batches_consumed"]
-            if self.accelerator.is_main_process:
-                print(f"resumed from {resume} at step {self.global_step}")
+        args = self.args
+        resumed = self._resume()
+        skip = resumed["batches_consumed"] if resumed else 0
         self.logger = RunLogger(self.accelerator, args, self.max_steps, self._config, self.global_step)
         batches = replay_batches(self.loader, skip)
         self.model.train()
@@ -132,12 +123,6 @@ class OfflineTrainer:
         self.logger.close()
         self.save_model(args.output_dir)
         return TrainResult(self.log_history, self.global_step)
-
-    @property
-    def log_history(self) -> list[dict]:
-        return self.logger.history if self.logger else []
-
-    state = property(trainer_state, doc="transformers' `TrainerState` of the run (`common.trainer_state`).")
 
     def ordered_loader(self, dataset, batch_size: int):
         """`dataset` in order, split over the processes; `gather_for_metrics` on what each batch
@@ -164,21 +149,3 @@ class OfflineTrainer:
             return {f"eval/{key}": value for key, value in metrics.items()}
         record = self.logger.log(metrics, self.global_step, prefix="eval/")
         return {key: value for key, value in record.items() if key != "step"}
-
-    def _exports(self, folder: str) -> dict:
-        """The model (or adapter) as a plain folder; every process must call it (sharded weights gather)."""
-        return {folder: (policy_export(self.accelerator.unwrap_model(self.model)),
-                         gathered_state_dict(self.accelerator, self.model))}
-
-    def save_checkpoint(self) -> Path | None:
-        if not checkpoint_is_finite(self.accelerator, [self.model], self.global_step):
-            return None
-        return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
-                               {"batches_consumed": self.batches_consumed}, self._exports("model"), self.tokenizer,
-                               self.args.save_total_limit, [self.scheduler])
-
-    def save_model(self, output_dir: str):
-        """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder."""
-        require_finite_for_save(self.accelerator, [self.model], output_dir)
-        exports = self._exports(".")
-        save_final(self.accelerator, output_dir, lambda folder: write_exports(folder, exports, self.tokenizer))

@@ -4,8 +4,9 @@
             -> old / reference logprobs, old values -> per-token rewards -> advantages
             -> for iteration, mini-batch, micro-batch: policy loss (+ KL, + value loss) -> backward, step -> log
 
-PPO is the same loop with a critic (`llmrl.trainers.critic`): the GAE estimator reads its values,
-and its clipped value loss joins the policy loss in every micro-batch.
+Generating and scoring a rollout (dynamic sampling included) is `llmrl.generation`'s: this module
+is the update. PPO is the same loop with a critic (`llmrl.trainers.critic`): the GAE estimator
+reads its values, and its clipped value loss joins the policy loss in every micro-batch.
 
 The loop never branches on an algorithm's name, only on settings (`beta > 0`, `kl_placement`,
 `dynamic_sampling`, ...): the preset chose them.
@@ -42,28 +43,15 @@ from llmrl.algos import (
 )
 from llmrl.config import ModelConfig, RLConfig
 from llmrl.data import PROMPT_COLUMNS, DataError, PromptCollator, load_datasets, require_columns
-from llmrl.evaluation import evaluate_policy, sample_rows, score_rollout
+from llmrl.evaluation import evaluate_policy
+from llmrl.generation import SamplingParams, TransformersEngine
+from llmrl.generation.collect import RolloutCollector
 from llmrl.logprobs import completion_logprobs
 from llmrl.models import disable_dropout, load_policy, load_tokenizer
 from llmrl.reference import build_reference
-from llmrl.rewards import overlong_penalty, resolve_reward_funcs
-from llmrl.rewards.model import RewardModelReward, is_reward_model_spec
-from llmrl.rollout import (
-    Rollout,
-    concat_rollouts,
-    generate_completions,
-    informative_groups,
-    stop_token_ids,
-)
-from llmrl.trainers.checkpoint import (
-    claim_output_dir,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-    save_final,
-    save_recipe,
-    write_exports,
-)
+from llmrl.rewards.model import as_list, resolve_rewards
+from llmrl.rollout import Rollout
+from llmrl.trainers.checkpoint import save_recipe
 from llmrl.trainers.common import (
     TrainResult,
     adamw,
@@ -74,12 +62,11 @@ from llmrl.trainers.common import (
     reduce_metrics,
     replay_batches,
     to_device,
-    trainer_state,
 )
 from llmrl.trainers.critic import Critic
-from llmrl.trainers.guards import NonFiniteGuard, checkpoint_is_finite, norm_value, require_finite_for_save
+from llmrl.trainers.guards import NonFiniteGuard, norm_value
 from llmrl.trainers.launch import refuse_unsharded_copies
-from llmrl.trainers.shared_critic import policy_export
+from llmrl.trainers.saving import SavedRun
 from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.tracking import RunLogger, append_jsonl, drop_rows_after
 
@@ -88,14 +75,7 @@ logger = logging.getLogger(__name__)
 VALUE_MODEL_DIR = "value_model"  # PPO's critic, inside the output folder and each checkpoint
 
 
-def _as_list(reward_funcs) -> list:
-    """`reward_funcs=` as a list: TRL takes one function (or name) alone as well as a list."""
-    if reward_funcs is None:
-        return []
-    return [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
-
-
-class RLTrainer:
+class RLTrainer(SavedRun):
     """Online RL on a causal LM. `RLTrainer(model, args, train_dataset, reward_funcs=...).train()`.
 
     Args:
@@ -132,7 +112,9 @@ class RLTrainer:
         if self.reference is not None and not self.reference.shares_policy:
             to_device(self.reference.model, self.accelerator)  # a frozen copy: prepare() moves only the policy
         self.kl_coef = args.beta  # moved by the adaptive controller when kl_target is set
-        self.reward_funcs = self._rewards([*args.reward_funcs, *_as_list(reward_funcs)], model_config)
+        self.reward_funcs = resolve_rewards([*args.reward_funcs, *as_list(reward_funcs)], args.reward_model_name_or_path,
+                                            model_config=model_config, batch_size=args.per_device_train_batch_size,
+                                            device=self.accelerator.device)
         refuse_unsharded_copies(self.accelerator, [role for role, held in (
             ("frozen reference copy", self.reference is not None and not self.reference.shares_policy),
             ("reward model", args.reward_model_name_or_path is not None)) if held])
@@ -146,14 +128,6 @@ class RLTrainer:
         if eval_dataset is not None:
             require_columns(eval_dataset, PROMPT_COLUMNS, "eval_dataset")
         self.eval_dataset = eval_dataset
-        names = [name for name, _ in self.reward_funcs]
-        if args.dynamic_sampling_metric not in ("reward", *names):
-            raise ValueError(f"dynamic_sampling_metric={args.dynamic_sampling_metric!r} must be 'reward' (the total, "
-                             f"shaping included) or the name of a reward function: {names}.")
-        # Which reward decides that a group is flat: the shaped total by default (a flat total means
-        # zero advantages), or one function, e.g. accuracy as in the DAPO paper.
-        self._filter_column = None if args.dynamic_sampling_metric == "reward" else names.index(
-            args.dynamic_sampling_metric)
 
         self.rollout_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_mini_batches
         self.prompts_per_rollout = self.rollout_size // args.num_generations
@@ -174,6 +148,9 @@ class RLTrainer:
                 f"{self.prompts_per_rollout} per process x {self.accelerator.num_processes} process(es) (a rollout is "
                 "per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches completions, "
                 "num_generations per prompt). Add prompts, or lower one of those settings.")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.collector = RolloutCollector(TransformersEngine(unwrapped), SamplingParams.of(args, unwrapped, self.tokenizer),
+                                          args, self.tokenizer, self.reward_funcs, self.accelerator, self.rollout_size)
         self.max_steps = self._total_steps()
         self.scheduler = lr_schedule(self.optimizer, args, self.max_steps)
         if self.critic is not None:
@@ -184,21 +161,6 @@ class RLTrainer:
         self.global_step = 0
         self.batches_consumed = 0  # prompt batches drawn so far: the data position a resume restores
 
-    def _rewards(self, specs: list, model_config) -> list[tuple[str, object]]:
-        """`(name, fn)` of each reward, in order: functions, built-in names, 'module:function', and
-        reward models, named in `reward_funcs` (a folder or hub id, as TRL accepts) or as
-        `reward_model_name_or_path` (the last reward, as reward_weights counts it)."""
-        def reward_model(path):
-            return RewardModelReward(path, model_config=model_config, batch_size=self.args.per_device_train_batch_size,
-                                     device=self.accelerator.device)
-
-        models = {i: reward_model(spec) for i, spec in enumerate(specs) if is_reward_model_spec(spec)}
-        functions = iter(resolve_reward_funcs([spec for i, spec in enumerate(specs) if i not in models]))
-        rewards = [(Path(str(specs[i])).name, models[i]) if i in models else next(functions) for i in range(len(specs))]
-        if self.args.reward_model_name_or_path:
-            rewards.append(("reward_model", reward_model(self.args.reward_model_name_or_path)))
-        return rewards
-
     def _total_steps(self) -> int:
         """Optimizer steps: max_steps, or epochs over the prompts (num_mini_batches x num_iterations each)."""
         if self.args.max_steps > 0:
@@ -206,96 +168,18 @@ class RLTrainer:
         rollouts = math.ceil(self.args.num_train_epochs * len(self.loader))
         return rollouts * self.args.num_mini_batches * self.args.num_iterations
 
-    # ---- generate and score ------------------------------------------------------------------
-
-    def _score(self, batch: dict, rollout: Rollout):
-        """`(total [N], per_function [N, F], metrics, samples)`: the weighted reward with overlong and
-        missing-EOS shaping, each function's rewards (NaN = not applicable), the shaping's mean, and
-        the rows for completions.jsonl."""
-        args = self.args
-        prompts, completions, columns, result = score_rollout(rollout, batch, self.tokenizer, self.reward_funcs,
-                                                              args.reward_weights, args.num_generations, self.state)
-        total = result.total.to(rollout.completion_mask.device)
-        metrics = dict(result.metrics)  # what the reward functions logged with log_metric
-        if args.overlong_penalty_factor > 0:
-            lengths = torch.where(rollout.truncated, args.max_completion_length + 1, rollout.completion_lengths)
-            penalty = overlong_penalty(lengths, args.max_completion_length, args.overlong_buffer_len,
-                                       args.overlong_penalty_factor).to(total.device)
-            total = total + penalty
-            metrics["rewards/overlong_penalty"] = penalty.mean().item()
-        if args.missing_eos_penalty:
-            total = total - args.missing_eos_penalty * rollout.truncated.float()
-        samples = sample_rows(prompts, completions, columns, result,
-                              {**result.extra, "shaped_reward": total.tolist(), "truncated": rollout.truncated.tolist()})
-        return total, result.rewards.to(total.device), metrics, samples
+    # ---- generate and score (llmrl.generation) ------------------------------------------------
 
     def generate_and_score(self, batches) -> tuple[Rollout, torch.Tensor, dict]:
-        """One rollout of R rows: generate, score, and (dynamic sampling) keep only informative groups,
-        generating more prompt batches until R rows are kept or max_gen_batches is reached.
+        """One rollout of R rows, generated and scored (`RolloutCollector.collect`): the rollout, the
+        reward of each row [R] and the rollout's metrics. `batches` yields (batches consumed, batch)."""
+        def drawn():
+            for self.batches_consumed, batch in batches:  # the data position, as each batch is drawn
+                yield batch
 
-        Returns the rollout padded to R rows (filler rows have an empty completion mask), the reward
-        of each row [R] (0 on filler) and the rollout's metrics."""
-        args = self.args
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        stop_ids = stop_token_ids(unwrapped, self.tokenizer)
-        kept, kept_rewards, generated_rows, shaping = [], [], [], []
-        generated = 0
-        while True:
-            self.batches_consumed, batch = next(batches)
-            rollout = generate_completions(
-                unwrapped, batch["input_ids"], batch["attention_mask"], num_generations=args.num_generations,
-                max_completion_length=args.max_completion_length, eos_token_id=stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k)
-            rewards, per_function, shaping_metrics, samples = self._score(batch, rollout)
-            if generated == 0:
-                self.samples = samples
-            rollout.group_ids = rollout.group_ids + generated * self.prompts_per_rollout  # unique per batch
-            generated += 1
-            generated_rows.append(torch.cat([rewards[:, None], per_function, rollout.completion_lengths[:, None].float(),
-                                             rollout.truncated[:, None].float()], dim=1))
-            shaping.append(shaping_metrics)
-            keep = ~rewards.isnan()  # a row no reward function applied to is not a sample
-            if args.dynamic_sampling:
-                metric = rewards if self._filter_column is None else per_function[:, self._filter_column]
-                keep &= informative_groups(metric.nan_to_num(0.0), rollout.group_ids)
-            kept.append(rollout.select(keep))
-            kept_rewards.append(rewards[keep])
-            filler = rollout
-            full = sum(len(r) for r in kept_rewards) >= self.rollout_size
-            done = not args.dynamic_sampling or full or generated >= args.max_gen_batches
-            # Every process generates the same number of batches: generation is a collective under
-            # FSDP / ZeRO-3, and the update below must be entered together.
-            if self.accelerator.reduce(torch.tensor(float(not done), device=self.accelerator.device), "sum") == 0:
-                break
-        pad_id = self.tokenizer.pad_token_id
-        num_kept = sum(len(r) for r in kept_rewards)
-        rewards = torch.cat(kept_rewards)[: self.rollout_size]
-        rollout = concat_rollouts(kept, pad_id).select(slice(0, self.rollout_size)).pad_rows(
-            self.rollout_size, filler, pad_id)
-        metrics = self._generation_metrics(torch.cat(generated_rows))
-        metrics.update({key: sum(m[key] for m in shaping) / len(shaping) for key in shaping[0]})
-        metrics["dynamic_sampling/kept_ratio"] = num_kept / (generated * self.rollout_size)  # before the cut to R
-        metrics["dynamic_sampling/gen_batches"] = generated
-        metrics["dynamic_sampling/kept_rows"] = len(rewards)
-        return rollout, torch.nn.functional.pad(rewards, (0, self.rollout_size - len(rewards))), metrics
-
-    def _generation_metrics(self, rows: torch.Tensor) -> dict:
-        """Reward, per-function and length statistics over every completion generated for this
-        rollout by every process. `rows` [N, 1 + F + 2]: total reward, each function's reward (NaN
-        = not applicable), length, truncated. Gathered first, so the std and max are the whole
-        batch's, not an average of each process's."""
-        rows = self.accelerator.gather(rows.to(self.accelerator.device)).cpu().double()
-        names = ["reward", *(f"rewards/{name}" for name, _ in self.reward_funcs)]
-        metrics = {"rewards/scorable_rows": int((~rows[:, 0].isnan()).sum())}
-        for column, name in enumerate(names):
-            values = rows[:, column][~rows[:, column].isnan()]
-            metrics[name] = values.mean().item() if len(values) else float("nan")
-            metrics[f"{name}_std" if column else "reward_std"] = values.std().item() if len(values) > 1 else float("nan")
-        lengths, truncated = rows[:, -2], rows[:, -1]
-        metrics.update({"completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
-                        "completions/truncated_ratio": truncated.mean().item()})
-        return metrics
+        rollout, rewards, metrics = self.collector.collect(drawn(), trainer_state=lambda: self.state)
+        self.samples = self.collector.samples
+        return rollout, rewards, metrics
 
     # ---- logprobs and advantages ----------------------------------------------------------
 
@@ -514,16 +398,12 @@ class RLTrainer:
 
     def train(self) -> TrainResult:
         """Train to `max_steps`; returns the log history (train and `eval/` records)."""
-        skip = 0
-        claim_output_dir(self.args, self.accelerator)
-        resume = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir)
-        if resume is not None:
-            state = load_checkpoint(self.accelerator, resume, self._schedulers())
-            self.global_step, skip = state["step"], state["batches_consumed"]
-            self.kl_coef = state.get("kl_coef", self.kl_coef)
+        resumed = self._resume()
+        skip = resumed["batches_consumed"] if resumed else 0
+        if resumed:
+            self.kl_coef = resumed.get("kl_coef", self.kl_coef)
             if self.accelerator.is_main_process:
                 drop_rows_after(Path(self.args.output_dir) / "completions.jsonl", self.global_step)
-                print(f"resumed from {resume} at step {self.global_step}")
         self.logger = RunLogger(self.accelerator, self.args, self.max_steps, self._config, self.global_step)
         batches = replay_batches(self.loader, skip)
         self.model.train()
@@ -546,12 +426,6 @@ class RLTrainer:
         self.save_model(self.args.output_dir)
         return TrainResult(self.log_history, self.global_step)
 
-    @property
-    def log_history(self) -> list[dict]:
-        return self.logger.history if self.logger else []
-
-    state = property(trainer_state, doc="transformers' `TrainerState` of the run (`common.trainer_state`).")
-
     def evaluate(self, dataset=None) -> dict:
         """Score one completion per prompt of `dataset` (default: the eval dataset); logs and
         returns the metrics prefixed `eval/`."""
@@ -568,11 +442,9 @@ class RLTrainer:
         record = self.logger.log(metrics, self.global_step, prefix="eval/")
         return {key: value for key, value in record.items() if key != "step"}
 
-    def _exports(self, policy_folder: str) -> dict:
-        """The plain folders a save writes: the policy (or its adapter) at `policy_folder`, PPO's
-        critic at value_model/. Every process must call it: sharded weights are gathered here."""
-        exports = {policy_folder: (policy_export(self.accelerator.unwrap_model(self.model)),
-                                   gathered_state_dict(self.accelerator, self.model))}
+    def _exports(self, folder: str) -> dict:
+        """The policy's folder (`SavedRun._exports`) and PPO's critic at value_model/."""
+        exports = super()._exports(folder)
         if self.critic is not None:
             critic = self.critic.model if not self.critic.shared else self.model
             exports[VALUE_MODEL_DIR] = (self.critic.export(), gathered_state_dict(self.accelerator, critic))
@@ -582,23 +454,12 @@ class RLTrainer:
         """The prepared models whose weights train: the policy, and a separate critic."""
         return [self.model] + ([self.critic.model] if self.critic is not None and not self.critic.shared else [])
 
-    def save_checkpoint(self):
-        if not checkpoint_is_finite(self.accelerator, self._trained_models(), self.global_step):
-            return None
-        return save_checkpoint(self.accelerator, self.args.output_dir, self.global_step,
-                               {"batches_consumed": self.batches_consumed, "kl_coef": self.kl_coef},
-                               self._exports("model"), self.tokenizer, self.args.save_total_limit, self._schedulers())
-
     def _schedulers(self) -> list:
         """The run's LR schedules, in the order checkpoints keep them: the policy's, then the critic's."""
         return [self.scheduler] + ([self.critic.scheduler] if self.critic is not None else [])
 
-    def save_model(self, output_dir: str):
-        """The final model (or adapter) and tokenizer as a plain `save_pretrained` folder; PPO's
-        critic goes to its `value_model/` subfolder (a token-classification model)."""
-        require_finite_for_save(self.accelerator, self._trained_models(), output_dir)
-        exports = self._exports(".")
-        save_final(self.accelerator, output_dir, lambda folder: write_exports(folder, exports, self.tokenizer))
+    def _checkpoint_state(self) -> dict:
+        return {**super()._checkpoint_state(), "kl_coef": self.kl_coef}
 
 
 def run(recipe):

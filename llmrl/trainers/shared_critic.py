@@ -27,14 +27,7 @@ from peft import PeftModel, PeftType, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from transformers.modeling_outputs import TokenClassifierOutput
 
-# policy_export lives with the other adapter exports (llmrl.adapters); the online trainer imports it from here.
-from llmrl.adapters import (
-    CRITIC_ADAPTER,
-    Adapter,
-    combine,
-    policy_export,  # noqa: F401
-    starting_adapters,
-)
+from llmrl.adapters import CRITIC_ADAPTER, Adapter, combine, starting_adapters
 from llmrl.models import HEAD_NAMES, enable_checkpointing, lora_config
 from llmrl.reference import adapter_is_trained
 

@@ -1,0 +1,7 @@
+"""Generation behind one interface: an engine samples completions (`engine.py`: llmrl's own
+KV-cache loop, `TransformersEngine`), and `collect.RolloutCollector` turns prompt batches into the
+online trainer's scored rollouts with any engine. Evaluation samples through the same engines."""
+
+from llmrl.generation.engine import SamplingParams, TransformersEngine
+
+__all__ = ["SamplingParams", "TransformersEngine"]
