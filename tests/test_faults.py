@@ -96,8 +96,6 @@ def half_written(out: Path) -> list[str]:
 
 @pytest.mark.parametrize("kind, point, target", [
     ("grpo", "torch_save", "checkpoint-4"),
-    ("grpo", "half_weights", "checkpoint-4"),
-    ("grpo", "rename", "checkpoint-4"),
     ("grpo", "half_weights", "final"),
     ("ppo", "half_weights", "checkpoint-4"),
     ("dpo", "half_weights", "checkpoint-4"),
