@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 
@@ -63,3 +64,31 @@ def test_a_run_that_fails_at_start_leaves_the_previous_config_alone(tiny_model_d
     failed = llmrl_train(recipe, "--max_steps", "1")
     assert failed.returncode != 0
     assert (out / "config.yaml").read_text() == "algorithm: grpo\nseed: 7\n"
+
+
+class RecordingState:
+    """One process's view of the process state: whether it is the main one, and its barriers."""
+
+    def __init__(self, is_main):
+        self.is_main_process, self.barriers = is_main, 0
+
+    def wait_for_everyone(self):
+        self.barriers += 1
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_every_process_meets_the_same_barriers_when_a_previous_run_is_replaced(tmp_path, resume):
+    """Under a 2-process launch the main process deletes the previous run; a process that looks
+    after it has (the folder is clean by then) must still wait at every barrier the main process
+    waits at, or the main one waits for ever (seen: a second `overwrite_output_dir` run hung)."""
+    from llmrl.config import RLConfig
+    from llmrl.trainers.checkpoint import claim_output_dir
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "model.safetensors").write_text("x")
+    args = RLConfig(output_dir=str(tmp_path), overwrite_output_dir=True, resume_from_checkpoint=resume or None)
+    main, other = RecordingState(True), RecordingState(False)
+    claim_output_dir(args, main)
+    claim_output_dir(args, other)  # the slower process, after the main one has deleted
+    assert main.barriers == other.barriers > 0
+    assert resume or not (tmp_path / "checkpoint-2").exists()

@@ -92,6 +92,10 @@ def claim_output_dir(args, state) -> None:
         state.wait_for_everyone()
         return
     found = previous_run(args.output_dir)
+    # Every process has looked before the main one deletes, and every process meets the same
+    # barriers: one that looked after the deletion (a clean folder) would skip a barrier the main
+    # process waits at for ever.
+    state.wait_for_everyone()
     if found and not args.overwrite_output_dir:
         raise CheckpointError(
             f"output_dir {args.output_dir} holds a previous run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
@@ -101,8 +105,7 @@ def claim_output_dir(args, state) -> None:
         for name in found:
             path = Path(args.output_dir) / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if found:
-        state.wait_for_everyone()
+    state.wait_for_everyone()
 
 
 def save_recipe(recipe, state) -> None:
