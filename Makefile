@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m llmrl.demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 clean:
 	rm -rf $(VENV) outputs

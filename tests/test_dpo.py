@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from peft import LoraConfig
+from ports import free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmrl import DPOConfig, DPOTrainer
@@ -344,7 +345,7 @@ def test_two_processes_give_the_one_process_update(tiny_model_dir, tmp_path):
         "per_device_train_batch_size": 2, "max_prompt_length": 32, "max_length": 64, "save_steps": 0,
         "output_dir": str(tmp_path / "two"), "report_to": ["tensorboard"], **TWO_PROCESS_SETTINGS}))
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1", "--multi_gpu",
-              "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541"]
+              "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launch, "-m", "llmrl", "train", str(recipe)], capture_output=True, text=True,
                             timeout=600, env=env)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def run_worker(tmp_path, model_dir, name, launch_config=None, batch_size=16, acc
     if launch_config is not None:
         command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
                    str(ROOT / "recipes" / "accelerate" / f"{launch_config}.yaml"), "--num_processes", "2",
-                   "--mixed_precision", "no", "--main_process_port", "29561", *command[1:]]
+                   "--mixed_precision", "no", "--main_process_port", free_port(), *command[1:]]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -11,6 +11,7 @@ import datasets
 import pytest
 import torch
 import yaml
+from ports import free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmrl import RLTrainer
@@ -289,7 +290,7 @@ def run_recipe(tmp_path, tiny_model_dir, name, processes, batch_size):
         "learning_rate": 1e-3, "max_grad_norm": 0.0, "output_dir": str(tmp_path / name), "seed": 3,
         "eval_dataset_name": str(eval_data), "per_device_eval_batch_size": 4, "report_to": ["tensorboard"]}))
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
     launch += ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launch, "-m", "llmrl", "train", str(recipe)], capture_output=True, text=True,

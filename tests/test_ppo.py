@@ -415,6 +415,7 @@ def run_lora_ppo(tmp_path, model_dir, name, processes, batch_size, accumulation)
 
     import safetensors.torch
     import yaml
+    from ports import free_port
 
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} plus {i} is"}) + "\n" for i in range(32)))
@@ -428,7 +429,7 @@ def run_lora_ppo(tmp_path, model_dir, name, processes, batch_size, accumulation)
         "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": accumulation, "max_steps": 2,
         "learning_rate": 1e-2, "output_dir": str(tmp_path / name), "seed": 3, "log_completions_steps": 0}))
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541"]
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
     launch += ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
     python_path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "PYTHONPATH": python_path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

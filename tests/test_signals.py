@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ports import free_port
 from safetensors.torch import load_file
 
 from llmrl.trainers.checkpoint import checkpoint_problem
@@ -131,7 +132,7 @@ def test_a_signal_to_every_process_of_a_two_process_launch_is_one_request(tiny_m
     out = tmp_path / "run"
     path = recipe(tmp_path, tiny_model_dir, out)
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1", "--mixed_precision",
-              "no", "--dynamo_backend", "no", "--main_process_port", "29541", "--multi_gpu", "--num_processes", "2",
+              "no", "--dynamo_backend", "no", "--main_process_port", free_port(), "--multi_gpu", "--num_processes", "2",
               "-m", "llmrl", "train", str(path)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([*launch, "--max_steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
