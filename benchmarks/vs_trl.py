@@ -165,7 +165,7 @@ def run_llmrl(spec: dict, size: Size, ours: dict) -> dict:
     model_config = ModelConfig(model_name_or_path=spec["model_dir"],
                                dtype="bfloat16" if spec["device"] == "cuda" else "float32")
     ours = dict(ours, output_dir=tempfile.mkdtemp(prefix="llmrl-bench-"), report_to=["none"])
-    ends, tokens = [], []
+    ends, tokens, generation = [], [], []
     if spec["algo"] == "grpo":
         trainer = RLTrainer(spec["model_dir"], RLConfig(**ours), load_rows(spec),
                             reward_funcs=[distinct_characters], model_config=model_config)
@@ -187,13 +187,15 @@ def run_llmrl(spec: dict, size: Size, ours: dict) -> dict:
         ends.append(time.perf_counter())
         if "tokens_per_second" in metrics:
             tokens.append(metrics["tokens_per_second"] * metrics["step_time"])
+        if "generation_time" in metrics:  # benchmarks/engines.py reports it
+            generation.append(metrics["generation_time"])
         if phases is not None:
             phases.end_step(metrics["step_time"])
         return metrics
 
     setattr(trainer, step_name, timed_step)
     trainer.train()
-    result = {"ends": ends, "tokens": tokens, "peak_mib": peak_memory_mib(spec["device"])}
+    result = {"ends": ends, "tokens": tokens, "generation": generation, "peak_mib": peak_memory_mib(spec["device"])}
     if phases is not None:
         result["phases"] = phases.steps[size.warmup:]
     if spec["algo"] == "grpo" and spec.get("limit"):

@@ -76,16 +76,27 @@ def train_command(argv: list[str]) -> int:
         print(recipe.to_yaml(), end="")
         return 0
     train(recipe)
+    import torch
+
     from llmrl.trainers.common import process_state
 
-    process_state().destroy_process_group()  # the run is over: every process has saved and waited
+    _close_vllm()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        process_state().destroy_process_group()  # the run is over: every process has saved and waited
     return 0
+
+
+def _close_vllm():
+    """Shut down the run's vLLM engines, if any, while the process group they joined is there."""
+    if "llmrl.generation.vllm_engine" in sys.modules:
+        sys.modules["llmrl.generation.vllm_engine"].close_engines()
 
 
 # The fields `llmrl eval` reads, besides the data fields and the model fields that load a model.
 TRAINING_ONLY_MODEL_FIELDS = ("use_peft", "lora_", "gradient_checkpointing")
 EVAL_FIELDS = ("reward_funcs", "reward_weights", "per_device_eval_batch_size", "max_prompt_length",
-               "max_completion_length", "eval_do_sample", "temperature", "top_p", "top_k", "seed")
+               "max_completion_length", "eval_do_sample", "temperature", "top_p", "top_k", "seed", "use_vllm",
+               "vllm_gpu_memory_utilization", "vllm_max_model_length", "vllm_model_impl")
 
 
 def _eval_help() -> str:
@@ -127,6 +138,8 @@ def eval_command(argv: list[str]) -> int:
         run_eval(recipe, output_file)
     except ValueError as err:
         raise RecipeError(str(err)) from None
+    finally:
+        _close_vllm()
     return 0
 
 

@@ -56,20 +56,22 @@ def sample_rows(prompts, completions, columns, result: RewardResult, extra: dict
 def evaluate_policy(model, tokenizer, dataset, reward_funcs, *, reward_weights=None, batch_size: int = 8,
                     max_prompt_length: int = 512, max_completion_length: int = 256, do_sample: bool = False,
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                    accelerator=None, trainer_state=None) -> tuple[dict, list[dict]]:
+                    accelerator=None, trainer_state=None, engine=None) -> tuple[dict, list[dict]]:
     """One completion per prompt of `dataset`, scored. Returns (metrics, this process's sample rows).
 
     With several processes each scores its own shard of the prompts and the metrics are global:
     sums and counts are all-reduced, so every process returns the same metrics. `reward_funcs`
     are resolved `(name, fn)` pairs. Metrics: `reward` (weighted total), `rewards/<name>` (mean over
     the rows the function applied to), `accuracy` (= rewards/accuracy when that function is used),
-    `completions/mean_length`, `completions/truncated_ratio`, `num_samples`."""
+    `completions/mean_length`, `completions/truncated_ratio`, `num_samples`. `engine`: what samples
+    (`llmrl.generation`; default llmrl's own loop over `model`), its weights synced first."""
     require_columns(dataset, PROMPT_COLUMNS, "eval_dataset")
     collate = PromptCollator(tokenizer, max_prompt_length)
     distributed = accelerator is not None and accelerator.num_processes > 1
     shard = dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True) if distributed else dataset
     device = next(model.parameters()).device
-    engine = TransformersEngine(model)
+    engine = engine or TransformersEngine(model)
+    engine.sync_weights()
     params = SamplingParams(max_tokens=max_completion_length, stop_token_ids=tuple(stop_token_ids(model, tokenizer)),
                             pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k,
                             do_sample=do_sample)
@@ -130,6 +132,7 @@ def run_eval(recipe, output_file: str | None = None) -> dict:
 
     from llmrl.config import RLConfig
     from llmrl.data import load_datasets
+    from llmrl.generation import make_engine
     from llmrl.models import load_policy, load_tokenizer
     from llmrl.rewards import resolve_reward_funcs
     from llmrl.trainers.common import make_accelerator
@@ -151,7 +154,8 @@ def run_eval(recipe, output_file: str | None = None) -> dict:
         model, tokenizer, dataset, resolve_reward_funcs(args.reward_funcs), reward_weights=args.reward_weights,
         batch_size=args.per_device_eval_batch_size, max_prompt_length=args.max_prompt_length,
         max_completion_length=args.max_completion_length, do_sample=args.eval_do_sample,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, accelerator=accelerator)
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, accelerator=accelerator,
+        engine=make_engine(model, args, accelerator, args.per_device_eval_batch_size))
     if accelerator.num_processes > 1:
         rows = gather_object(rows)
     if accelerator.is_main_process:

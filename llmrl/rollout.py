@@ -25,6 +25,9 @@ class Rollout:
     completion_mask: torch.Tensor  # [N, C] float, 1.0 up to and including the first EOS
     truncated: torch.Tensor  # [N] bool, no EOS within max_completion_length
     group_ids: torch.Tensor  # [N] long, the prompt each row answers
+    # [N, C] float: the log-prob the sampler gave each completion token (0 on padding), when the
+    # sampler is not the policy module itself (vLLM); None from llmrl's own loop.
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -47,7 +50,8 @@ class Rollout:
         return torch.zeros_like(mask).scatter(1, last, rewards[:, None].to(mask.dtype)) * mask
 
     def _map(self, fn) -> "Rollout":
-        return Rollout(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                          for f in fields(self)})
 
     def select(self, rows) -> "Rollout":
         """The rows `rows` (a bool mask, index tensor or slice) of every field."""
@@ -248,4 +252,6 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         completion_mask=torch.cat([pad(p.completion_mask, width, 0.0, "right") for p in parts]),
         truncated=torch.cat([p.truncated for p in parts]),
         group_ids=torch.cat([p.group_ids for p in parts]),
+        sampler_logprobs=None if any(p.sampler_logprobs is None for p in parts) else torch.cat(
+            [pad(p.sampler_logprobs, width, 0.0, "right") for p in parts]),
     )

@@ -75,14 +75,15 @@ def test_the_same_names_work_as_flags(tmp_path):
 
 
 def test_every_refused_or_unknown_field_is_reported_at_once(tmp_path):
-    path = recipe(tmp_path, torch_compile=True, use_vllm=True, importance_sampling_level="sequence", loss_type="cispo",
+    path = recipe(tmp_path, torch_compile=True, vllm_server_port=9000, importance_sampling_level="sequence", loss_type="cispo",
                   lerning_rate=1e-3)
     with pytest.raises(RecipeError) as error:
         load_recipe(path, ["--optim", "sgd", "--num_generatons", "4"])
     message = str(error.value)
     assert "\n" not in message and "7 fields llmrl cannot take" in message
     for part in ["torch_compile=True (TRL's GRPOConfig): llmrl does not compile the model",
-                 "use_vllm=True (TRL's GRPOConfig): generation is llmrl's own",
+                 "vllm_server_port=9000 (TRL's GRPOConfig): llmrl generates with its own KV-cache loop or, with "
+                 "use_vllm: true, with vLLM colocated in each training process",
                  "importance_sampling_level='sequence'", "loss_type: llmrl takes ['bnpo', 'dapo', 'dr_grpo', 'grpo']",
                  "'lerning_rate'", "Did you mean 'learning_rate'", "optim='sgd'", "torch.optim.AdamW",
                  "'num_generatons'", "Did you mean 'num_generations'"]:
@@ -94,7 +95,7 @@ def test_a_constructor_takes_trl_names_and_reports_every_problem():
     assert (config.loss_agg_mode, config.mixed_precision, config.scale_rewards, config.num_mini_batches) == (
         "token_mean", "bf16", "group", 2)
     with pytest.raises(TRLFieldError) as error:
-        RLConfig(bf16=True, fp16=True, use_vllm=True, lora_r=8, learnig_rate=1e-3)
+        RLConfig(bf16=True, fp16=True, use_transformers_paged=True, lora_r=8, learnig_rate=1e-3)
     message = str(error.value)
     assert message.startswith("RLConfig(...): 5 fields llmrl cannot take as given")
     assert "bf16: bf16 and fp16 are both true; choose one" in message

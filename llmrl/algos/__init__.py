@@ -25,6 +25,7 @@ from .entropy import entropy_from_logits
 from .kl import KL_ESTIMATORS, adaptive_kl_coef, kl_penalty
 from .policy_losses import POLICY_LOSSES, policy_loss, value_loss, value_loss_metrics
 from .preference_losses import PREFERENCE_LOSSES, preference_loss
+from .sampler_correction import SAMPLER_CORRECTIONS, sampler_correction
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -33,6 +34,7 @@ __all__ = [
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
     "REWARD_SCALES",
+    "SAMPLER_CORRECTIONS",
     "adaptive_kl_coef",
     "aggregate_loss",
     "compute_advantages",
@@ -47,6 +49,7 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "preference_loss",
+    "sampler_correction",
     "value_loss",
     "value_loss_metrics",
 ]

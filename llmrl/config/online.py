@@ -96,6 +96,48 @@ class RLConfig(TrainConfig):
     )
     num_iterations: int = field(default=1, metadata=_help("Passes (PPO epochs) over each rollout."))
 
+    # the generation engine (TRL's names): llmrl's own loop, or vLLM beside the trainer
+    use_vllm: bool = field(
+        default=False,
+        metadata=_help("Sample rollouts (and evaluation) with vLLM, colocated in each training process, its weights "
+                       "reloaded from the policy before every rollout (pip install 'llmrl[vllm]'). false = llmrl's "
+                       "own KV-cache loop over the policy, exactly on-policy."),
+    )
+    vllm_mode: str = field(
+        default="colocate", metadata=_help("Where vLLM runs: colocate, inside each training process (llmrl's only mode).")
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata=_help("Share of the GPU's memory vLLM takes for its weights and KV cache (CUDA).")
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False,
+        metadata=_help("Between generate calls, park vLLM's weights in CPU memory and free its KV cache, so the "
+                       "update has that GPU memory (CUDA; costs a copy each way)."),
+    )
+    vllm_max_model_length: int | None = field(
+        default=None, metadata=_help("vLLM's longest sequence; unset = max_prompt_length + max_completion_length.")
+    )
+    vllm_model_impl: str = field(
+        default="vllm", metadata=_help("vLLM's own model code (vllm) or transformers' through vLLM (transformers).")
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=True,
+        metadata=_help("Weight each sampled token's policy loss by pi_old / pi_vllm, bounded (vLLM's samples are "
+                       "slightly off-policy: its own kernels and weight copy). Costs one log-prob pass per rollout."),
+    )
+    vllm_importance_sampling_mode: str = field(
+        default="sequence_mask",
+        metadata=_help("token_truncate / sequence_truncate clamp the ratio into [clip_min, clip_max]; token_mask / "
+                       "sequence_mask drop tokens (sequences) whose ratio is outside. sequence_*: one ratio per "
+                       "completion, the product of its tokens'."),
+    )
+    vllm_importance_sampling_clip_min: float | None = field(
+        default=None, metadata=_help("Lower bound of the importance ratio; None = none.")
+    )
+    vllm_importance_sampling_clip_max: float | None = field(
+        default=3.0, metadata=_help("Upper bound of the importance ratio; None = none.")
+    )
+
     # rewards
     reward_funcs: list[str] = field(
         default_factory=list,
@@ -222,6 +264,7 @@ class RLConfig(TrainConfig):
         )
 
         where = f"algorithm {self.algorithm!r}"
+        self._check_vllm(where)
         check_choice(where, "advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         check_choice(where, "policy_loss", self.policy_loss, POLICY_LOSSES)
         check_choice(where, "loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
@@ -305,6 +348,24 @@ class RLConfig(TrainConfig):
                 f"reward_weights has {len(self.reward_weights)} values but there are {n_rewards} rewards "
                 f"({self.reward_funcs}{' + reward model' if self.reward_model_name_or_path else ''}): give one each."
             )
+
+    def _check_vllm(self, where: str):
+        from llmrl.algos import SAMPLER_CORRECTIONS
+
+        if self.vllm_mode == "server":
+            raise ValueError("vllm_mode: server (TRL's `trl vllm-serve` beside the trainer) is not in llmrl: vLLM runs "
+                             "colocated in each training process. Set vllm_mode: colocate.")
+        check_choice(where, "vllm_mode", self.vllm_mode, ["colocate"])
+        check_choice(where, "vllm_model_impl", self.vllm_model_impl, ["vllm", "transformers", "auto"])
+        check_choice(where, "vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, SAMPLER_CORRECTIONS)
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}.")
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"vllm_importance_sampling_clip_min={low} is above vllm_importance_sampling_clip_max={high}.")
+        if self.vllm_max_model_length is not None and self.vllm_max_model_length < self.max_completion_length + 1:
+            raise ValueError(f"vllm_max_model_length={self.vllm_max_model_length} leaves no room for a prompt and "
+                             f"max_completion_length={self.max_completion_length} tokens; raise it or leave it unset.")
 
     @property
     def uses_kl(self) -> bool:

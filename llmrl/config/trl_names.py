@@ -102,6 +102,10 @@ def _precision(name: str):
     return convert
 
 
+def _importance_sampling_cap(value, values):
+    return {} if value is None else {"vllm_importance_sampling_clip_max": value}
+
+
 def _assistant_only_loss(value, values):
     if not value:
         return {}
@@ -127,6 +131,8 @@ RENAMED: dict[str, Renamed] = {
     "log_completions": Renamed(_log_completions, "`log_completions_steps` (= logging_steps when true, 0 when false)"),
     "model_init_kwargs": Renamed(_model_init_kwargs, "the model fields `dtype`, `attn_implementation`, "
                                  "`trust_remote_code`, `model_revision`"),
+    "vllm_importance_sampling_cap": Renamed(_importance_sampling_cap, "`vllm_importance_sampling_clip_max` (TRL's "
+                                            "newer name for it)"),
     "assistant_only_loss": Renamed(_assistant_only_loss, "`completion_only_loss` (with `messages` rows: the "
                                    "assistant turns)"),
 }
@@ -136,7 +142,8 @@ SAME_NAME_VALUES = {"scale_rewards": {True: "group", False: "none"}}
 
 LAUNCHER = ("processes, sharding and the backend come from the launcher: `accelerate launch --config_file "
             "recipes/accelerate/fsdp2.yaml -m llmrl train ...` (or ddp, zero2, zero3)")
-VLLM = "generation is llmrl's own KV-cache loop, exactly on-policy; the vLLM engine is not there yet"
+VLLM = ("llmrl generates with its own KV-cache loop or, with use_vllm: true, with vLLM colocated in each training "
+        "process (vllm_mode: colocate): no vLLM server, tensor parallelism or guided decoding")
 HUB = "llmrl writes output_dir only; upload it with `hf upload <repo> <output_dir>`"
 PRECISION = ("precision is the model's `dtype` (bfloat16 loads bf16 weights, auto picks it on a GPU) and "
              "`mixed_precision` (bf16 or fp16 autocast of every forward pass)")
@@ -155,7 +162,7 @@ REFUSED: dict[str, str] = {
     **dict.fromkeys(("tf32", "bf16_full_eval", "fp16_full_eval", "cast_lm_head_to_fp32"), PRECISION),
     **dict.fromkeys(("deepspeed", "fsdp", "fsdp_config", "accelerator_config", "parallelism_config", "local_rank",
                      "use_cpu", "ds3_gather_for_generation", "average_tokens_across_devices"), LAUNCHER),
-    **dict.fromkeys(("use_vllm", "use_transformers_paged", "use_transformers_continuous_batching",
+    **dict.fromkeys(("use_transformers_paged", "use_transformers_continuous_batching",
                      "transformers_continuous_batching_config", "cache_implementation", "generation_kwargs",
                      "use_cache"), VLLM),
     "generation_batch_size": ("set steps_per_generation or num_mini_batches: llmrl's rollout is "

@@ -10,6 +10,8 @@ each, and the generation metrics of every process's completions.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from llmrl.evaluation import sample_rows, score_rollout
@@ -66,9 +68,14 @@ class RolloutCollector:
         args = self.args
         kept, kept_rewards, generated_rows, shaping = [], [], [], []
         generated = 0
+        start = time.perf_counter()
+        self.engine.sync_weights()  # an engine with its own copy of the weights samples from the updated policy
+        sync_time, generation_time = time.perf_counter() - start, 0.0
         while True:
             batch = next(batches)
+            start = time.perf_counter()
             rollout = self.engine.generate(batch, args.num_generations, self.params)
+            generation_time += time.perf_counter() - start
             rewards, per_function, shaping_metrics, samples = self.score(batch, rollout, trainer_state())
             if generated == 0:
                 self.samples = samples
@@ -99,6 +106,7 @@ class RolloutCollector:
         metrics.update({key: sum(m[key] for m in shaping) / len(shaping) for key in shaping[0]})
         metrics["dynamic_sampling/kept_ratio"] = num_kept / (generated * self.rollout_size)  # before the cut to R
         metrics["dynamic_sampling/gen_batches"] = generated
+        metrics["generation_time"], metrics["weight_sync_time"] = generation_time, sync_time
         metrics["dynamic_sampling/kept_rows"] = len(rewards)
         return rollout, torch.nn.functional.pad(rewards, (0, self.rollout_size - len(rewards))), metrics
 

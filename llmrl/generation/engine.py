@@ -58,3 +58,18 @@ class TransformersEngine:
 
     def sync_weights(self) -> None:
         """Nothing to do: this engine samples from the policy module itself."""
+
+
+def make_engine(model, args, accelerator, max_rows: int):
+    """The engine `args` asks for (`use_vllm`) over `model`, the unwrapped policy. `max_rows`: the
+    most completions one generate call makes (a rollout, an eval batch)."""
+    if not getattr(args, "use_vllm", False):
+        return TransformersEngine(model)
+    from llmrl.generation.vllm_engine import VLLMEngine
+    from llmrl.trainers.launch import sharded
+
+    if sharded(accelerator):
+        raise ValueError("use_vllm: true with sharded weights (FSDP, DeepSpeed ZeRO-3): llmrl's colocated vLLM needs "
+                         "the whole policy in every process. Launch with recipes/accelerate/ddp.yaml or zero2.yaml, "
+                         "or generate with llmrl's loop (use_vllm: false).")
+    return VLLMEngine(model, args, accelerator, max_rows)

@@ -179,21 +179,27 @@ def checked_precision(mixed_precision: str) -> str:
     return mixed_precision
 
 
+def zero3(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def sharded(accelerator: Accelerator) -> bool:
+    """Are the prepared models' parameters split over the processes (FSDP, DeepSpeed ZeRO-3)?"""
+    return accelerator.distributed_type == DistributedType.FSDP or zero3(accelerator)
+
+
 def gathered_state_dict(accelerator: Accelerator, model) -> dict | None:
     """The full state dict of a prepared `model` when its parameters are sharded (FSDP, DeepSpeed
     ZeRO-3), else None (the unwrapped model saves itself). Every process must call it: gathering
     the shards is a collective; the main process receives the tensors."""
-    sharded = accelerator.distributed_type == DistributedType.FSDP or (
-        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
-    return accelerator.get_state_dict(model) if sharded else None
+    return accelerator.get_state_dict(model) if sharded(accelerator) else None
 
 
 def refuse_unsharded_copies(accelerator: Accelerator, roles: list[str]) -> None:
     """DeepSpeed ZeRO-3 partitions every model built after the Accelerator, and only the prepared
     engine gathers its parameters for a forward: a frozen copy (a reference copied from the policy,
     a reward model) would hold empty partitions. `roles` names the frozen models a run holds."""
-    zero3 = accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-    if zero3 and roles:
+    if zero3(accelerator) and roles:
         raise ValueError(
             f"DeepSpeed ZeRO-3 cannot hold the {' and the '.join(roles)} llmrl keeps beside the policy (ZeRO-3 partitions "
             "them, and only the policy's engine gathers weights). Launch with recipes/accelerate/zero2.yaml or "

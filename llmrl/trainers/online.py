@@ -4,8 +4,10 @@
             -> old / reference logprobs, old values -> per-token rewards -> advantages
             -> for iteration, mini-batch, micro-batch: policy loss (+ KL, + value loss) -> backward, step -> log
 
-Generating and scoring a rollout (dynamic sampling included) is `llmrl.generation`'s: this module
-is the update. PPO is the same loop with a critic (`llmrl.trainers.critic`): the GAE estimator
+Generating and scoring a rollout (dynamic sampling included; llmrl's own loop or vLLM with
+`use_vllm`) is `llmrl.generation`'s, and the terms computed once per rollout (old and reference
+log-probs, advantages, the KL coefficient, vLLM's importance weights) are `rollout_terms`': this
+module is the update. PPO is the same loop with a critic (`llmrl.trainers.critic`): the GAE estimator
 reads its values, and its clipped value loss joins the policy loss in every micro-batch.
 
 The loop never branches on an algorithm's name, only on settings (`beta > 0`, `kl_placement`,
@@ -31,20 +33,16 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from llmrl.algos import (
-    adaptive_kl_coef,
     aggregate_loss,
-    compute_advantages,
     kl_penalty,
     loss_counts,
     masked_mean,
-    masked_sum,
-    masked_whiten,
     policy_loss,
 )
 from llmrl.config import ModelConfig, RLConfig
 from llmrl.data import PROMPT_COLUMNS, DataError, PromptCollator, load_datasets, require_columns
 from llmrl.evaluation import evaluate_policy
-from llmrl.generation import SamplingParams, TransformersEngine
+from llmrl.generation import SamplingParams, make_engine
 from llmrl.generation.collect import RolloutCollector
 from llmrl.logprobs import completion_logprobs
 from llmrl.models import disable_dropout, load_policy, load_tokenizer
@@ -66,6 +64,7 @@ from llmrl.trainers.common import (
 from llmrl.trainers.critic import Critic
 from llmrl.trainers.guards import NonFiniteGuard, norm_value
 from llmrl.trainers.launch import refuse_unsharded_copies
+from llmrl.trainers.rollout_terms import RolloutTerms
 from llmrl.trainers.saving import SavedRun
 from llmrl.trainers.signals import StopOnSignal, stop_if_requested
 from llmrl.trainers.tracking import RunLogger, append_jsonl, drop_rows_after
@@ -75,7 +74,7 @@ logger = logging.getLogger(__name__)
 VALUE_MODEL_DIR = "value_model"  # PPO's critic, inside the output folder and each checkpoint
 
 
-class RLTrainer(SavedRun):
+class RLTrainer(RolloutTerms, SavedRun):
     """Online RL on a causal LM. `RLTrainer(model, args, train_dataset, reward_funcs=...).train()`.
 
     Args:
@@ -149,8 +148,9 @@ class RLTrainer(SavedRun):
                 "per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches completions, "
                 "num_generations per prompt). Add prompts, or lower one of those settings.")
         unwrapped = self.accelerator.unwrap_model(self.model)
-        self.collector = RolloutCollector(TransformersEngine(unwrapped), SamplingParams.of(args, unwrapped, self.tokenizer),
-                                          args, self.tokenizer, self.reward_funcs, self.accelerator, self.rollout_size)
+        engine = make_engine(unwrapped, args, self.accelerator, max(self.rollout_size, args.per_device_eval_batch_size))
+        self.collector = RolloutCollector(engine, SamplingParams.of(args, unwrapped, self.tokenizer), args,
+                                          self.tokenizer, self.reward_funcs, self.accelerator, self.rollout_size)
         self.max_steps = self._total_steps()
         self.scheduler = lr_schedule(self.optimizer, args, self.max_steps)
         if self.critic is not None:
@@ -181,45 +181,9 @@ class RLTrainer(SavedRun):
         self.samples = self.collector.samples
         return rollout, rewards, metrics
 
-    # ---- logprobs and advantages ----------------------------------------------------------
-
-    @torch.no_grad()
-    def _logprobs_no_grad(self, model, rollout: Rollout) -> torch.Tensor:
-        """[R, C] logprobs of the completions, micro-batch by micro-batch, no graph."""
-        size = self.args.per_device_train_batch_size
-        return torch.cat([
-            completion_logprobs(model, rollout.input_ids[i:i + size], rollout.attention_mask[i:i + size],
-                                rollout.completion_ids.shape[1], temperature=self.args.temperature)
-            for i in range(0, len(rollout.group_ids), size)
-        ])
-
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Every process's rows of `x` ([R] or [R, C], C padded to the longest), in process order."""
-        return self.accelerator.gather(self.accelerator.pad_across_processes(x, dim=1) if x.dim() == 2 else x)
-
-    def advantages(self, rollout: Rollout, rewards: torch.Tensor, old_logprobs, ref_logprobs, old_values=None):
-        """`(advantages, returns)` [R, C]. Per-token rewards (the sequence reward on the last real
-        token, minus kl_coef x KL per token when the KL is in the reward), then the estimator over
-        the WHOLE batch of every process, so that batch statistics (whitening, scale_rewards=batch)
-        are global; each process keeps its own rows."""
-        args, mask = self.args, rollout.completion_mask
-        token_rewards = rollout.outcome_rewards(rewards)
-        if self.kl_coef > 0 and args.kl_placement == "reward":
-            token_rewards = token_rewards - self.kl_coef * kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
-        group_ids = rollout.group_ids + self.accelerator.process_index * (1 << 32)  # groups never span processes
-        gathered_mask = self._gather(mask)
-        advantages, returns = compute_advantages(
-            args.advantage_estimator, token_rewards=self._gather(token_rewards), mask=gathered_mask,
-            group_ids=self._gather(group_ids), values=None if old_values is None else self._gather(old_values),
-            gamma=args.gamma, lam=args.lam, scale_rewards=args.scale_rewards)
-        if args.whiten_advantages:
-            advantages = masked_whiten(advantages, gathered_mask)
-        start, width = self.accelerator.process_index * len(rewards), mask.shape[1]
-        return advantages[start:start + len(rewards), :width], returns[start:start + len(rewards), :width]
-
     # ---- the update -------------------------------------------------------------------------
 
-    def _micro_loss(self, rollout: Rollout, rows, old_logprobs, ref_logprobs, advantages, counts):
+    def _micro_loss(self, rollout: Rollout, rows, old_logprobs, ref_logprobs, advantages, counts, sampler_weights=None):
         """The policy loss of one micro-batch, normalised by the whole optimizer step's counts."""
         args, mask = self.args, rollout.completion_mask[rows]
         logprobs, entropy = completion_logprobs(self.model, rollout.input_ids[rows], rollout.attention_mask[rows],
@@ -228,6 +192,8 @@ class RLTrainer(SavedRun):
         per_token, metrics = policy_loss(args.policy_loss, logprobs=logprobs, old_logprobs=old,
                                          advantages=advantages[rows], mask=mask, epsilon=args.epsilon,
                                          epsilon_high=args.epsilon_high, dual_clip=args.dual_clip)
+        if sampler_weights is not None:  # the sampler was not exactly the policy (vLLM): importance weights
+            per_token = per_token * sampler_weights[rows]
         if self.kl_coef > 0 and args.kl_placement == "loss":
             kl = kl_penalty(logprobs, ref_logprobs[rows], args.kl_estimator)
             per_token = per_token + self.kl_coef * kl
@@ -246,20 +212,6 @@ class RLTrainer(SavedRun):
     def _step_counts(self, mask: torch.Tensor) -> torch.Tensor:
         """(num_tokens, num_seqs) of one optimizer step's rows, summed over every process."""
         return self.accelerator.reduce(torch.stack(loss_counts(mask)).float(), "sum")
-
-    def _update_kl_coef(self, rollout: Rollout, old_logprobs, ref_logprobs) -> dict:
-        """Log the rollout's KL to the reference (k1 summed per sequence, averaged over every
-        process's sequences) and the coefficient it used; with kl_target, move the coefficient for
-        the next rollout (the adaptive controller)."""
-        mask = rollout.completion_mask
-        per_seq = masked_sum(old_logprobs - ref_logprobs, mask, dim=-1)
-        real = mask.sum(-1) > 0
-        totals = self.accelerator.reduce(torch.stack([per_seq[real].sum(), real.sum().float()]), "sum")
-        measured, used = float(totals[0] / totals[1].clamp(min=1)), self.kl_coef
-        if self.args.kl_target is not None:
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, measured, self.args.kl_target, self.args.kl_horizon,
-                                            int(totals[1]))
-        return {"kl_sequence": measured, "kl_coef": used}
 
     def _means(self, step_metrics: dict[str, list]) -> dict[str, float]:
         """Each metric's mean over the step's micro-batches. Kept on the device until here and read
@@ -295,9 +247,12 @@ class RLTrainer(SavedRun):
         # Exactly on-policy, the old logprobs are the detached current ones (no extra pass), unless
         # the KL must be known before the update: in the reward, or for the adaptive controller.
         kl_first = self.reference is not None and (args.kl_placement == "reward" or args.kl_target is not None)
-        needs_old = not on_policy or kl_first
+        corrected = rollout.sampler_logprobs is not None and args.vllm_importance_sampling_correction
+        needs_old = not on_policy or kl_first or corrected
         size = args.per_device_train_batch_size
         old_logprobs = self._logprobs_no_grad(self.model, rollout) if needs_old else None
+        sampler_weights, sampling_metrics = self._sampler_weights(rollout, old_logprobs)
+        metrics.update(sampling_metrics)
         ref_logprobs = self._logprobs_no_grad(self.reference, rollout) if self.reference is not None else None
         old_values = self.critic.values(rollout, size) if self.critic is not None else None
         advantages, returns = self.advantages(rollout, rewards, old_logprobs, ref_logprobs, old_values)
@@ -329,7 +284,8 @@ class RLTrainer(SavedRun):
                     # accelerate's accumulation contract: gradients sync (DDP, FSDP) and DeepSpeed's
                     # engine steps on the last micro-batch of the step only (sync_gradients).
                     with self.accelerator.accumulate(*models):
-                        loss, m = self._micro_loss(rollout, micro, old_logprobs, ref_logprobs, advantages, counts)
+                        loss, m = self._micro_loss(rollout, micro, old_logprobs, ref_logprobs, advantages, counts,
+                                                   sampler_weights)
                         losses["loss"] = losses.get("loss", 0.0) + loss.detach()
                         if self.critic is not None:
                             critic_loss, critic_metrics = self.critic.loss(rollout, micro, old_values, returns, counts)
@@ -436,7 +392,7 @@ class RLTrainer(SavedRun):
             reward_weights=args.reward_weights, batch_size=args.per_device_eval_batch_size,
             max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
             do_sample=args.eval_do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            accelerator=self.accelerator, trainer_state=self.state)
+            accelerator=self.accelerator, trainer_state=self.state, engine=self.collector.engine)
         if self.logger is None:
             return {f"eval/{key}": value for key, value in metrics.items()}
         record = self.logger.log(metrics, self.global_step, prefix="eval/")
