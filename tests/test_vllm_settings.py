@@ -93,3 +93,12 @@ def test_trls_vllm_server_fields_are_refused_unless_left_at_default():
         RLConfig(use_vllm=True, vllm_server_base_url="http://localhost:8000")
     with pytest.raises(TRLFieldError, match="vllm_tensor_parallel_size=2"):
         RLConfig(use_vllm=True, vllm_tensor_parallel_size=2)
+
+
+def test_a_quantized_base_is_refused_before_anything_loads(tmp_path):
+    from llmrl import ModelConfig, RLTrainer
+
+    model = ModelConfig(model_name_or_path=str(tmp_path / "not-loaded"), use_peft=True, load_in_4bit=True)
+    with pytest.raises(ValueError, match="use_vllm: true with a quantized base.*load_in_4bit: false"):
+        RLTrainer(model.model_name_or_path, RLConfig(use_vllm=True, output_dir=str(tmp_path / "out")),
+                  [{"prompt": "1+1=", "answer": "2"}], reward_funcs=["accuracy"], model_config=model)
