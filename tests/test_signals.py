@@ -140,7 +140,9 @@ def test_a_signal_to_every_process_of_a_two_process_launch_is_one_request(tiny_m
     first_record(process)
     os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=240)
-    [checkpoint] = out.glob("checkpoint-*")
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, stderr[-3000:]
+    [checkpoint] = checkpoints
     assert checkpoint_problem(checkpoint) is None
     step = int(checkpoint.name.split("-")[1])
     assert f"llmrl: stopped by SIGTERM after step {step}: {checkpoint} written" in stderr, stderr[-3000:]
@@ -151,3 +153,27 @@ def test_a_signal_to_every_process_of_a_two_process_launch_is_one_request(tiny_m
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {checkpoint} at step {step}" in resumed.stdout
     assert (out / "model.safetensors").is_file()
+
+
+LATE_FORWARD = """
+import os, signal, time
+from llmrl.trainers.signals import StopOnSignal
+with StopOnSignal() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.5)  # a loaded machine: the launcher's forwarded copy comes this late
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    print("still running, asked to stop by", stop.signum)
+"""
+
+
+def test_a_launchers_late_forwarded_signal_is_still_the_first_request():
+    """Under torchrun a worker gets a group signal directly and again from the launcher; on a busy
+    machine the copy can trail by more than a second. It must not count as a second request (which
+    stops at once and loses the checkpoint); alone, a repeat that late still does."""
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test"}
+    launched = subprocess.run([sys.executable, "-c", LATE_FORWARD], capture_output=True, text=True, env=env, timeout=60)
+    assert launched.returncode == 0 and f"asked to stop by {int(signal.SIGTERM)}" in launched.stdout, launched.stderr
+    env.pop("TORCHELASTIC_RUN_ID")
+    alone = subprocess.run([sys.executable, "-c", LATE_FORWARD], capture_output=True, text=True, env=env, timeout=60)
+    assert alone.returncode == -signal.SIGTERM

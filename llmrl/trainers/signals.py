@@ -9,8 +9,9 @@ continues from there. A second signal stops the process at once.
 Every process of a launch gets the signal (torchrun forwards it), but not always at the same step:
 `requested()` is a collective, so they all stop after the same step and save together. A process
 often gets the signal twice, directly (Ctrl-C and SLURM signal the whole process group) and again
-from torchrun forwarding it: a repeat within `REPEAT_WINDOW` seconds is that same request. torchrun
-gives its workers 30 seconds to finish after it forwards a signal, then kills them.
+from torchrun forwarding it: a repeat within `repeat_window()` seconds is that same request (1 s
+alone; 5 s under a launcher, whose forwarding comes late on a loaded machine). torchrun gives its
+workers 30 seconds to finish after it forwards a signal, then kills them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import time
 import torch
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-REPEAT_WINDOW = 1.0  # seconds: a signal repeated this soon is the launcher forwarding the first
+REPEAT_WINDOW = 1.0  # seconds: a signal repeated this soon is the same request
+LAUNCHED_REPEAT_WINDOW = 5.0  # under torchrun: its forwarded copy can trail the direct one by over a second
+
+
+def repeat_window() -> float:
+    """How soon a repeated signal is the same request: longer in a worker of a torchrun/accelerate launch."""
+    return LAUNCHED_REPEAT_WINDOW if "TORCHELASTIC_RUN_ID" in os.environ else REPEAT_WINDOW
 
 
 class RunInterrupted(RuntimeError):
@@ -49,7 +56,7 @@ class StopOnSignal:
             self.signum, self._first = signum, time.monotonic()
             print(f"llmrl: {signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
                   "(send it again to stop at once).", file=sys.stderr, flush=True)
-        elif time.monotonic() - self._first > REPEAT_WINDOW:  # a second request: the previous handler acts now
+        elif time.monotonic() - self._first > repeat_window():  # a second request: the previous handler acts now
             self.__exit__()
             os.kill(os.getpid(), signum)
 
