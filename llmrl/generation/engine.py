@@ -60,10 +60,10 @@ class TransformersEngine:
         """Nothing to do: this engine samples from the policy module itself."""
 
 
-def refuse_quantized_base(use_vllm: bool, quantized: bool) -> None:
+def refuse_quantized_base(quantized: bool) -> None:
     """use_vllm needs the policy's weights in full precision: llmrl hands vLLM the base with the
     adapter merged in, which a 4-bit or 8-bit base does not hold."""
-    if use_vllm and quantized:
+    if quantized:
         raise ValueError("use_vllm: true with a quantized base (load_in_4bit, QLoRA): llmrl gives vLLM the policy's "
                          "merged weights, which a 4-bit base does not hold in full precision. Train the adapter on a "
                          "bf16 base (load_in_4bit: false), or generate with llmrl's loop (use_vllm: false).")
@@ -78,7 +78,7 @@ def make_engine(model, args, accelerator, max_rows: int):
     from llmrl.trainers.launch import sharded
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    refuse_quantized_base(True, getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+    refuse_quantized_base(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
     if sharded(accelerator):
         raise ValueError("use_vllm: true with sharded weights (FSDP, DeepSpeed ZeRO-3): llmrl's colocated vLLM needs "
                          "the whole policy in every process. Launch with recipes/accelerate/ddp.yaml or zero2.yaml, "

@@ -100,7 +100,7 @@ class RLTrainer(RolloutTerms, SavedRun):
         self.accelerator = make_accelerator(args)
         set_seed(args.seed, device_specific=True)  # each process samples different completions
         model_config = model_config or ModelConfig(model_name_or_path=model if isinstance(model, str) else None)
-        refuse_quantized_base(args.use_vllm, model_config.load_in_4bit)  # before anything loads
+        refuse_quantized_base(args.use_vllm and model_config.load_in_4bit)  # before anything loads
         self.tokenizer = processing_class or load_tokenizer(model_config)
         self.tokenizer.padding_side = "left"
         # GAE needs a critic; every other estimator is critic-free. Made before LoRA wraps a policy object in place.
