@@ -118,7 +118,8 @@ def test_vllm_samples_from_the_updated_weights_and_a_skipped_sync_is_caught(mode
     lr = 3e-2 if lora else 1e-2
     history = train(model_dir, tmp_path, "synced", max_steps=6, learning_rate=lr, **peft)
     assert_vllm_samples_the_current_policy(history)
-    assert history[-1]["kl_sequence"] > 0.1, "the policy must move for the check to mean anything"
+    kl = [h["kl"] for h in history]  # k3 to the starting weights (the reference), per token: 8 per completion
+    assert kl[-1] > 0.1 / 8, f"the policy must move for the check to mean anything: {kl}"
 
     sync = VLLMEngine.sync_weights
 
@@ -132,6 +133,25 @@ def test_vllm_samples_from_the_updated_weights_and_a_skipped_sync_is_caught(mode
     with pytest.raises(AssertionError):
         assert_vllm_samples_the_current_policy(stale)
     assert stale[-1]["sampling/sampling_logp_difference/max"] > 0.5
+
+
+def test_an_on_policy_vllm_step_corrects_with_no_extra_forward_pass(model_dir, tmp_path):
+    """One update per rollout (GRPO's default): the trainer's log-probs that vLLM's are weighed
+    against come from the update's own forward passes, as with llmrl's loop, so the policy runs
+    one forward per micro-batch (2 per step here), not a second pass over the rollout first; the
+    logged comparison still finds vLLM's log-probs equal to the policy's."""
+    args = RLConfig(algorithm="grpo", output_dir=str(tmp_path / "out"), num_generations=8, per_device_train_batch_size=8,
+                    gradient_accumulation_steps=2, max_completion_length=8, learning_rate=1e-2, max_steps=3, seed=0,
+                    logging_steps=1000, log_completions_steps=0, save_steps=0, use_vllm=True)
+    trainer = RLTrainer(model_dir, args, chat_prompts(32), reward_funcs=[digit_fraction],
+                        model_config=ModelConfig(model_name_or_path=model_dir))
+    forwards = []
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    hook = policy.register_forward_hook(lambda module, inputs, output: forwards.append(torch.is_grad_enabled()))
+    history = trainer.train()
+    hook.remove()
+    assert forwards == [True] * 6, forwards
+    assert_vllm_samples_the_current_policy(history)
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo", "ppo"])
@@ -166,9 +186,10 @@ def test_a_resumed_vllm_run_equals_the_uninterrupted_one(model_dir, tmp_path):
 
 
 def test_two_process_llmrl_train_and_llmrl_eval_run_through_vllm(model_dir, tmp_path):
-    """`accelerate launch` of `llmrl train` with use_vllm: true on 2 processes (DDP): each process
-    runs its own vLLM on its own prompts, the run ends cleanly (rc 0, vLLM shut down before the
-    process group), the eval metrics cover all 17 prompts split over the two engines; then
+    """`accelerate launch` of `llmrl train` with use_vllm: true on 2 processes (DDP) and tensorboard
+    on: each process runs its own vLLM on its own prompts, the run ends cleanly (rc 0, vLLM and the
+    tracker shut down before the process group), the tracker has every step's sampler comparison,
+    the eval metrics cover all 17 prompts split over the two engines; then
     `llmrl eval --use_vllm true` on the saved model scores exactly what llmrl's loop scores."""
     data, eval_data = tmp_path / "prompts.jsonl", tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} plus {i} is"}) + "\n" for i in range(32)))
@@ -181,7 +202,8 @@ def test_two_process_llmrl_train_and_llmrl_eval_run_through_vllm(model_dir, tmp_
         "algorithm": "grpo", "model_name_or_path": model_dir, "dataset_name": str(data),
         "eval_dataset_name": str(eval_data), "reward_funcs": ["rewardmod:digit_fraction"], "num_generations": 4,
         "per_device_train_batch_size": 8, "max_completion_length": 8, "max_steps": 3, "learning_rate": 1e-2,
-        "output_dir": str(tmp_path / "run"), "seed": 0, "use_vllm": True, "per_device_eval_batch_size": 4}))
+        "output_dir": str(tmp_path / "run"), "seed": 0, "use_vllm": True, "per_device_eval_batch_size": 4,
+        "report_to": ["tensorboard"]}))
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1", "--mixed_precision",
               "no", "--dynamo_backend", "no", "--main_process_port", free_port(), "--multi_gpu", "--num_processes", "2"]
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -195,6 +217,15 @@ def test_two_process_llmrl_train_and_llmrl_eval_run_through_vllm(model_dir, tmp_
     assert_vllm_samples_the_current_policy(steps)
     evals = [r for r in records if "eval/reward" in r]
     assert len(evals) == 1 and evals[0]["eval/num_samples"] == 17
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = {path.parent for path in (tmp_path / "run" / "runs").rglob("events.out.tfevents*")}
+    scalars = [EventAccumulator(str(folder)).Reload() for folder in logs]
+    scalars = [events for events in scalars if events.Tags()["scalars"]]
+    assert len(scalars) == 1, logs  # one tracker (the main process's); the others hold accelerate's hparams
+    gaps = scalars[0].Scalars("train/sampling/sampling_logp_difference/max")
+    assert [e.step for e in gaps] == [r["step"] for r in steps]
+    assert [e.value for e in gaps] == pytest.approx([r["sampling/sampling_logp_difference/max"] for r in steps], abs=1e-6)
 
     scores = {}
     for use_vllm in ("true", "false"):

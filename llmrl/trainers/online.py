@@ -6,9 +6,10 @@
 
 Generating and scoring a rollout (dynamic sampling included; llmrl's own loop or vLLM with
 `use_vllm`) is `llmrl.generation`'s, and the terms computed once per rollout (old and reference
-log-probs, advantages, the KL coefficient, vLLM's importance weights) are `rollout_terms`': this
-module is the update. PPO is the same loop with a critic (`llmrl.trainers.critic`): the GAE estimator
-reads its values, and its clipped value loss joins the policy loss in every micro-batch.
+log-probs, advantages, the KL coefficient; vLLM's importance weights, per micro-batch) are
+`rollout_terms`': this module is the update. PPO is the same loop with a critic
+(`llmrl.trainers.critic`): the GAE estimator reads its values, and its clipped value loss joins the
+policy loss in every micro-batch.
 
 The loop never branches on an algorithm's name, only on settings (`beta > 0`, `kl_placement`,
 `dynamic_sampling`, ...): the preset chose them.
@@ -185,8 +186,11 @@ class RLTrainer(RolloutTerms, SavedRun):
 
     # ---- the update -------------------------------------------------------------------------
 
-    def _micro_loss(self, rollout: Rollout, rows, old_logprobs, ref_logprobs, advantages, counts, sampler_weights=None):
-        """The policy loss of one micro-batch, normalised by the whole optimizer step's counts."""
+    def _micro_loss(self, rollout: Rollout, rows, old_logprobs, ref_logprobs, advantages, counts,
+                    trainer_logprobs=None):
+        """The policy loss of one micro-batch, normalised by the whole optimizer step's counts.
+        `trainer_logprobs` [R, C]: given when another engine sampled the rollout (vLLM), to correct
+        the loss by importance weights; the old log-probs of these rows are written into it."""
         args, mask = self.args, rollout.completion_mask[rows]
         logprobs, entropy = completion_logprobs(self.model, rollout.input_ids[rows], rollout.attention_mask[rows],
                                                 mask.shape[1], temperature=args.temperature, with_entropy=True)
@@ -194,8 +198,9 @@ class RLTrainer(RolloutTerms, SavedRun):
         per_token, metrics = policy_loss(args.policy_loss, logprobs=logprobs, old_logprobs=old,
                                          advantages=advantages[rows], mask=mask, epsilon=args.epsilon,
                                          epsilon_high=args.epsilon_high, dual_clip=args.dual_clip)
-        if sampler_weights is not None:  # the sampler was not exactly the policy (vLLM): importance weights
-            per_token = per_token * sampler_weights[rows]
+        if trainer_logprobs is not None:  # the sampler was not exactly the policy (vLLM): importance weights
+            trainer_logprobs[rows] = old
+            per_token = per_token * self._sampler_weights(rollout, rows, old)
         if self.kl_coef > 0 and args.kl_placement == "loss":
             kl = kl_penalty(logprobs, ref_logprobs[rows], args.kl_estimator)
             per_token = per_token + self.kl_coef * kl
@@ -248,13 +253,14 @@ class RLTrainer(RolloutTerms, SavedRun):
         on_policy = args.num_iterations == 1 and args.num_mini_batches == 1
         # Exactly on-policy, the old logprobs are the detached current ones (no extra pass), unless
         # the KL must be known before the update: in the reward, or for the adaptive controller.
+        # vLLM's importance weights need no extra pass either: each row's weight is its own
+        # tokens' old log-probs against vLLM's, and on-policy those come from the update's forward.
         kl_first = self.reference is not None and (args.kl_placement == "reward" or args.kl_target is not None)
-        corrected = rollout.sampler_logprobs is not None and args.vllm_importance_sampling_correction
-        needs_old = not on_policy or kl_first or corrected
+        needs_old = not on_policy or kl_first
         size = args.per_device_train_batch_size
         old_logprobs = self._logprobs_no_grad(self.model, rollout) if needs_old else None
-        sampler_weights, sampling_metrics = self._sampler_weights(rollout, old_logprobs)
-        metrics.update(sampling_metrics)
+        corrected = rollout.sampler_logprobs is not None and args.vllm_importance_sampling_correction
+        trainer_logprobs = torch.zeros_like(rollout.sampler_logprobs) if corrected else None
         ref_logprobs = self._logprobs_no_grad(self.reference, rollout) if self.reference is not None else None
         old_values = self.critic.values(rollout, size) if self.critic is not None else None
         advantages, returns = self.advantages(rollout, rewards, old_logprobs, ref_logprobs, old_values)
@@ -287,7 +293,7 @@ class RLTrainer(RolloutTerms, SavedRun):
                     # engine steps on the last micro-batch of the step only (sync_gradients).
                     with self.accelerator.accumulate(*models):
                         loss, m = self._micro_loss(rollout, micro, old_logprobs, ref_logprobs, advantages, counts,
-                                                   sampler_weights)
+                                                   trainer_logprobs)
                         losses["loss"] = losses.get("loss", 0.0) + loss.detach()
                         if self.critic is not None:
                             critic_loss, critic_metrics = self.critic.loss(rollout, micro, old_values, returns, counts)
@@ -325,6 +331,8 @@ class RLTrainer(RolloutTerms, SavedRun):
                 self.global_step += 1
         if step_metrics:
             metrics.update(self._means(step_metrics))
+        if trainer_logprobs is not None:
+            metrics.update(self._sampler_metrics(rollout, trainer_logprobs))
         real = rollout.attention_mask * (rollout.completion_mask.sum(-1, keepdim=True) > 0)  # filler rows aside
         tokens = self.accelerator.reduce(real.sum().float(), "sum")  # every process's prompts and completions
         elapsed = time.perf_counter() - start

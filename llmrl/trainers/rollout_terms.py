@@ -1,7 +1,7 @@
 """What the online update needs from a rollout before it starts, for `RLTrainer` (a mixin): log-probs
 without a graph (old policy, reference), advantages over every process's rows, the KL to the
 reference with its adaptive coefficient, and the importance weights of a rollout another engine
-sampled (vLLM). The trainer's `args`, `accelerator` and `kl_coef` are read from `self`."""
+sampled (vLLM) with their statistics. The trainer's `args`, `accelerator` and `kl_coef` are read from `self`."""
 
 from __future__ import annotations
 
@@ -49,22 +49,27 @@ class RolloutTerms:
         start, width = self.accelerator.process_index * len(rewards), mask.shape[1]
         return advantages[start:start + len(rewards), :width], returns[start:start + len(rewards), :width]
 
-    def _sampler_weights(self, rollout: Rollout, old_logprobs) -> tuple[torch.Tensor | None, dict]:
-        """The importance weights [R, C] of a rollout another engine sampled (vLLM: its log-probs
-        against the trainer's), with their statistics over every process's tokens; (None, {}) when
-        the policy itself sampled or the correction is off."""
+    def _sampler_weights(self, rollout: Rollout, rows, logprobs: torch.Tensor) -> torch.Tensor:
+        """The importance weights [len(rows), C] of rows another engine sampled (vLLM): the trainer's
+        log-probs of their tokens (`logprobs`, no gradient) against the sampler's. A weight depends
+        on its own completion only, so a micro-batch's weights need no other row."""
         args = self.args
-        if rollout.sampler_logprobs is None or not args.vllm_importance_sampling_correction:
-            return None, {}
-        weights, stats = sampler_correction(
-            self._gather(old_logprobs), self._gather(rollout.sampler_logprobs), self._gather(rollout.completion_mask),
+        weights, _ = sampler_correction(logprobs, rollout.sampler_logprobs[rows], rollout.completion_mask[rows],
+                                        args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
+                                        args.vllm_importance_sampling_clip_max)
+        return weights
+
+    def _sampler_metrics(self, rollout: Rollout, logprobs: torch.Tensor) -> dict:
+        """How far the sampler's log-probs were from the trainer's `logprobs` [R, C], and the
+        importance weights' statistics, over every process's tokens."""
+        args = self.args
+        _, stats = sampler_correction(
+            self._gather(logprobs), self._gather(rollout.sampler_logprobs), self._gather(rollout.completion_mask),
             args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
             args.vllm_importance_sampling_clip_max)
-        start, width = self.accelerator.process_index * len(old_logprobs), old_logprobs.shape[1]
         names = {"logp_diff_mean": "sampling_logp_difference/mean", "logp_diff_max": "sampling_logp_difference/max"}
-        return weights[start:start + len(old_logprobs), :width], {
-            f"sampling/{names.get(key, 'importance_sampling_ratio/' + key.removeprefix('ratio_'))}": value.item()
-            for key, value in stats.items()}
+        return {f"sampling/{names.get(key, 'importance_sampling_ratio/' + key.removeprefix('ratio_'))}": value.item()
+                for key, value in stats.items()}
 
     def _update_kl_coef(self, rollout: Rollout, old_logprobs, ref_logprobs) -> dict:
         """Log the rollout's KL to the reference (k1 summed per sequence, averaged over every
