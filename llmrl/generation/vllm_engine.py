@@ -50,7 +50,8 @@ def policy_weights(model):
     """`(name, tensor)` of `model`'s full weights under the names of its Hugging Face checkpoint,
     as vLLM loads them. A peft model's LoRA layers give base weight + adapter delta (the merged
     weight), computed beside the module: merging in place and unmerging would add and subtract the
-    delta from the base weights at every sync, and their rounding would drift."""
+    delta from the base weights at every sync, and their rounding would drift. Merged weights
+    rather than vLLM's own LoRA mode: that mode generated 3.3x slower (benchmarks/vllm_lora.py)."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
@@ -86,43 +87,52 @@ def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     return 2 * text.num_hidden_layers * heads * head_dim * tokens * torch.finfo(dtype).bits // 8
 
 
+def engine_options(model, args, accelerator, max_rows: int, folder: str) -> dict:
+    """The arguments of vLLM's `LLM` for a copy of `model` whose config is saved in `folder` and
+    whose weights start random (`load_format="dummy"`): lengths, dtype and seed from the RLConfig
+    `args`, and a KV cache for `max_rows` completions at once."""
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    dtype = next(model.parameters()).dtype
+    max_len = args.vllm_max_model_length or args.max_prompt_length + args.max_completion_length
+    if args.vllm_max_model_length is None:  # prompts are cut to max_prompt_length; the model's limit caps both
+        max_len = min(max_len, getattr(config, "max_position_embeddings", None) or max_len)
+    config.save_pretrained(folder)
+    options = dict(
+        model=folder, load_format="dummy", dtype=dtype, max_model_len=max_len,
+        skip_tokenizer_init=True,  # llmrl sends token ids and decodes; only stop_token_ids end a completion
+        generation_config="vllm",  # sampling is exactly the trainer's settings, not the model's defaults
+        logprobs_mode="processed_logprobs",  # after temperature, as the trainer computes its log-probs
+        seed=args.seed + accelerator.process_index, model_impl=args.vllm_model_impl,
+        enable_sleep_mode=args.vllm_enable_sleep_mode, max_num_seqs=max(max_rows, 1),
+        distributed_executor_backend="external_launcher", disable_log_stats=True,
+    )
+    if accelerator.device.type == "cuda":
+        options["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
+        options["max_num_batched_tokens"] = max(4096, max_len)
+    else:  # a CPU's KV cache is a fixed size: what a full generate call needs, not vLLM's 4 GiB default
+        options["enforce_eager"] = True
+        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            options["kv_cache_memory_bytes"] = max(kv_cache_bytes(config, 2 * max_rows * max_len, dtype), 16 << 20)
+    return options
+
+
 class VLLMEngine:
     """vLLM's `LLM` over a copy of `model` (the unwrapped policy, or a peft model of it).
 
     `args`: the RLConfig (use_vllm settings, max_prompt_length + max_completion_length, seed).
     `max_rows`: the most completions one `generate` call asks for (a rollout's or an eval batch's),
     which sizes the KV cache on a CPU. The weights vLLM starts with are random: `sync_weights` (the
-    rollout collector calls it before each rollout) loads the policy's."""
+    rollout collector calls it before each rollout) loads the policy's. `llm_options`: arguments
+    of vLLM's `LLM` that replace llmrl's (`engine_options`)."""
 
     name = "vllm"
 
-    def __init__(self, model, args, accelerator, max_rows: int):
+    def __init__(self, model, args, accelerator, max_rows: int, llm_options: dict | None = None):
         vllm = import_vllm()
         self.model, self.accelerator = model, accelerator
-        config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-        dtype = next(model.parameters()).dtype
-        max_len = args.vllm_max_model_length or args.max_prompt_length + args.max_completion_length
-        if args.vllm_max_model_length is None:  # prompts are cut to max_prompt_length; the model's limit caps both
-            max_len = min(max_len, getattr(config, "max_position_embeddings", None) or max_len)
         # vLLM reads the architecture from a folder: the config alone, the weights come by sync_weights.
         self.folder = tempfile.TemporaryDirectory(prefix="llmrl-vllm-")
-        config.save_pretrained(self.folder.name)
-        options = dict(
-            model=self.folder.name, load_format="dummy", dtype=dtype, max_model_len=max_len,
-            skip_tokenizer_init=True,  # llmrl sends token ids and decodes; only stop_token_ids end a completion
-            generation_config="vllm",  # sampling is exactly the trainer's settings, not the model's defaults
-            logprobs_mode="processed_logprobs",  # after temperature, as the trainer computes its log-probs
-            seed=args.seed + accelerator.process_index, model_impl=args.vllm_model_impl,
-            enable_sleep_mode=args.vllm_enable_sleep_mode, max_num_seqs=max(max_rows, 1),
-            distributed_executor_backend="external_launcher", disable_log_stats=True,
-        )
-        if accelerator.device.type == "cuda":
-            options["gpu_memory_utilization"] = args.vllm_gpu_memory_utilization
-            options["max_num_batched_tokens"] = max(4096, max_len)
-        else:  # a CPU's KV cache is a fixed size: what a full generate call needs, not vLLM's 4 GiB default
-            options["enforce_eager"] = True
-            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-                options["kv_cache_memory_bytes"] = max(kv_cache_bytes(config, 2 * max_rows * max_len, dtype), 16 << 20)
+        options = {**engine_options(model, args, accelerator, max_rows, self.folder.name), **(llm_options or {})}
         if args.vllm_enable_sleep_mode:
             from vllm.platforms import current_platform
 
