@@ -204,6 +204,20 @@ def run_llmrl(spec: dict, size: Size, ours: dict) -> dict:
     return result
 
 
+def sync_trl_vllm_by_reload() -> None:
+    """TRL's colocated weight sync hands vLLM's `model.load_weights` one tensor at a time, which
+    vLLM's CPU backend refuses (its repacked linear layers have no `weight_loader`: AttributeError).
+    On a CPU only, TRL's same weights (`_iter_named_params`) go through vLLM's `reload_weights`, as
+    llmrl's do; on a GPU TRL runs unchanged."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    def sync_weights(self):
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._iter_named_params()})
+        self.llm.reset_prefix_cache()
+
+    VLLMGeneration.sync_weights = sync_weights
+
+
 def run_trl(spec: dict, size: Size, theirs: dict) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
@@ -220,6 +234,8 @@ def run_trl(spec: dict, size: Size, theirs: dict) -> dict:
                 tokens_seen.append(logs["num_tokens"])
 
     theirs = dict(theirs, output_dir=tempfile.mkdtemp(prefix="trl-bench-"))
+    if theirs.get("use_vllm") and spec["device"] == "cpu":
+        sync_trl_vllm_by_reload()
     if spec["algo"] == "grpo":
         trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[distinct_characters], args=GRPOConfig(**theirs),
                               train_dataset=load_rows(spec), callbacks=[Timer()])
