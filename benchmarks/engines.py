@@ -13,7 +13,9 @@ load hits all alike. Reported per kind: the median step, tokens per second and p
 peak RSS; CUDA: torch's peak allocated, which leaves out what vLLM's own allocator holds), and for
 llmrl the median time spent generating in a step (`generation_time`, the engine's generate calls;
 `weight_sync_time` is the reload of the policy's weights into vLLM). On CPU both vLLM sides get the
-same KV cache (VLLM_CPU_KVCACHE_SPACE=1 GiB) so their peak memory compares.
+same KV cache (VLLM_CPU_KVCACHE_SPACE=1 GiB) so their peak memory compares, and TRL's weight sync
+goes through vLLM's `reload_weights` as llmrl's does (`vs_trl.sync_trl_vllm_by_reload`: vLLM's CPU
+backend refuses TRL's own).
 
 The targets (issue 17, on a GPU): vLLM's generation at least 3x llmrl's loop's, and an llmrl GRPO
 step with vLLM no slower than TRL's with vLLM. On a CPU the figures only show that all three run
