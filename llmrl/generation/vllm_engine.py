@@ -151,12 +151,13 @@ class VLLMEngine:
 
     def sync_weights(self) -> None:
         """Load the policy's current weights (adapter merged in) into vLLM, and forget every cached
-        prompt prefix: its keys and values were computed with the old weights."""
+        prompt prefix: its keys and values were computed with the old weights. In sleep mode vLLM
+        stays awake: a generate call always follows, and putting it to sleep in between would copy
+        every weight out to CPU memory and straight back."""
         self._wake()
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(self.model)})
         self.llm.reset_prefix_cache()
-        self._sleep()
 
     def generate(self, batch: dict, n: int, params) -> Rollout:
         """`n` completions of each prompt of `batch` (left-padded `input_ids` / `attention_mask`).
