@@ -88,9 +88,9 @@ def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
 
 
 def engine_options(model, args, accelerator, max_rows: int, folder: str) -> dict:
-    """The arguments of vLLM's `LLM` for a copy of `model` whose config is saved in `folder` and
-    whose weights start random (`load_format="dummy"`): lengths, dtype and seed from the RLConfig
-    `args`, and a KV cache for `max_rows` completions at once."""
+    """The arguments of vLLM's `LLM` for a copy of `model`, whose config this saves in `folder`
+    and whose weights start random (`load_format="dummy"`): lengths, dtype and seed from the
+    RLConfig `args`, and a KV cache for `max_rows` completions at once."""
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     dtype = next(model.parameters()).dtype
     max_len = args.vllm_max_model_length or args.max_prompt_length + args.max_completion_length

@@ -1,7 +1,8 @@
-"""What the online update needs from a rollout before it starts, for `RLTrainer` (a mixin): log-probs
-without a graph (old policy, reference), advantages over every process's rows, the KL to the
-reference with its adaptive coefficient, and the importance weights of a rollout another engine
-sampled (vLLM) with their statistics. The trainer's `args`, `accelerator` and `kl_coef` are read from `self`."""
+"""What the online update needs from a rollout besides its own forward passes, for `RLTrainer` (a
+mixin): log-probs without a graph (old policy, reference), advantages over every process's rows, the
+KL to the reference with its adaptive coefficient, and the importance weights of a rollout another
+engine sampled (vLLM) with their statistics. The trainer's `args`, `accelerator` and `kl_coef` are
+read from `self`."""
 
 from __future__ import annotations
 
@@ -53,23 +54,22 @@ class RolloutTerms:
         """The importance weights [len(rows), C] of rows another engine sampled (vLLM): the trainer's
         log-probs of their tokens (`logprobs`, no gradient) against the sampler's. A weight depends
         on its own completion only, so a micro-batch's weights need no other row."""
-        args = self.args
-        weights, _ = sampler_correction(logprobs, rollout.sampler_logprobs[rows], rollout.completion_mask[rows],
-                                        args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
-                                        args.vllm_importance_sampling_clip_max)
-        return weights
+        return self._sampler_correction(logprobs, rollout.sampler_logprobs[rows], rollout.completion_mask[rows])[0]
 
     def _sampler_metrics(self, rollout: Rollout, logprobs: torch.Tensor) -> dict:
         """How far the sampler's log-probs were from the trainer's `logprobs` [R, C], and the
         importance weights' statistics, over every process's tokens."""
-        args = self.args
-        _, stats = sampler_correction(
-            self._gather(logprobs), self._gather(rollout.sampler_logprobs), self._gather(rollout.completion_mask),
-            args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
-            args.vllm_importance_sampling_clip_max)
+        _, stats = self._sampler_correction(self._gather(logprobs), self._gather(rollout.sampler_logprobs),
+                                            self._gather(rollout.completion_mask))
         names = {"logp_diff_mean": "sampling_logp_difference/mean", "logp_diff_max": "sampling_logp_difference/max"}
         return {f"sampling/{names.get(key, 'importance_sampling_ratio/' + key.removeprefix('ratio_'))}": value.item()
                 for key, value in stats.items()}
+
+    def _sampler_correction(self, logprobs, sampler_logprobs, mask):
+        """`sampler_correction` with the run's vllm_importance_sampling_* settings."""
+        args = self.args
+        return sampler_correction(logprobs, sampler_logprobs, mask, args.vllm_importance_sampling_mode,
+                                  args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max)
 
     def _update_kl_coef(self, rollout: Rollout, old_logprobs, ref_logprobs) -> dict:
         """Log the rollout's KL to the reference (k1 summed per sequence, averaged over every
